@@ -1,0 +1,121 @@
+//! The HTTP side's view of the workers: fans a command out to every worker, waits for the
+//! replies within a bounded time, and merges them.
+//!
+//! It never touches a worker's table: it only sends [`Command`]s and reads the replies that
+//! come back on a channel made for that one request, so a late reply to an abandoned request
+//! lands in a dropped channel and cannot be mistaken for the answer to a later one.
+
+use std::cell::Cell;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+
+use crate::store::{self, AppBudget, Applied, Verdict};
+use crate::wire::{AppKey, Event};
+use crate::worker::{Command, WorkerHandle, WorkerStats};
+
+/// A worker did not answer in time, or has stopped. The HTTP answer is 503.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable(pub String);
+
+impl fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// All the workers, as the HTTP thread sees them.
+pub struct Cluster {
+    workers: Vec<WorkerHandle>,
+    budget: Arc<AppBudget>,
+    reply_timeout: Duration,
+    /// Which worker takes the next event that arrives over HTTP.
+    next_apply: Cell<usize>,
+}
+
+impl Cluster {
+    pub fn new(
+        workers: Vec<WorkerHandle>,
+        budget: Arc<AppBudget>,
+        reply_timeout: Duration,
+    ) -> Cluster {
+        Cluster {
+            workers,
+            budget,
+            reply_timeout,
+            next_apply: Cell::new(0),
+        }
+    }
+
+    pub fn workers(&self) -> &[WorkerHandle] {
+        &self.workers
+    }
+
+    /// App entries held by all workers together.
+    pub fn app_entries(&self) -> usize {
+        self.budget.used()
+    }
+
+    /// The server's answer for `app`: every worker's partial answer, merged and classified.
+    pub fn query(&self, app: AppKey) -> Result<Verdict, Unavailable> {
+        let partials = self.ask_all(|reply| Command::Query { app, reply })?;
+        Ok(store::classify(&store::merge_partials(partials)))
+    }
+
+    /// Forgets every app on every worker, including datagrams queued before the reset.
+    pub fn reset_all(&self) -> Result<(), Unavailable> {
+        self.ask_all(|reply| Command::ResetAll { reply }).map(drop)
+    }
+
+    /// Forgets one app on every worker.
+    pub fn reset_app(&self, app: AppKey) -> Result<(), Unavailable> {
+        self.ask_all(|reply| Command::ResetApp { app, reply })
+            .map(drop)
+    }
+
+    /// Counts one event on one worker, taking workers in turn; returns once it is applied.
+    pub fn apply(&self, event: Event) -> Result<Applied, Unavailable> {
+        let index = self.next_apply.get() % self.workers.len();
+        self.next_apply.set(index.wrapping_add(1));
+        let (reply, replies) = crossbeam_channel::bounded(1);
+        self.send(&self.workers[index], Command::Apply { event, reply })?;
+        replies
+            .recv_timeout(self.reply_timeout)
+            .map_err(|_| self.late(index))
+    }
+
+    /// Every worker's latency histograms and table size.
+    pub fn stats(&self) -> Result<Vec<WorkerStats>, Unavailable> {
+        self.ask_all(|reply| Command::Stats { reply })
+    }
+
+    /// Sends one command to every worker, then collects one reply from each, in worker order,
+    /// all within one deadline. The workers work on it in parallel.
+    fn ask_all<T>(&self, command: impl Fn(Sender<T>) -> Command) -> Result<Vec<T>, Unavailable> {
+        let mut answers = Vec::with_capacity(self.workers.len());
+        for worker in &self.workers {
+            let (reply, answer) = crossbeam_channel::bounded(1);
+            self.send(worker, command(reply))?;
+            answers.push(answer);
+        }
+        let deadline = Instant::now() + self.reply_timeout;
+        answers
+            .iter()
+            .enumerate()
+            .map(|(index, answer)| answer.recv_deadline(deadline).map_err(|_| self.late(index)))
+            .collect()
+    }
+
+    fn send(&self, worker: &WorkerHandle, command: Command) -> Result<(), Unavailable> {
+        worker.send(command).map_err(|e| Unavailable(e.to_string()))
+    }
+
+    fn late(&self, index: usize) -> Unavailable {
+        Unavailable(format!(
+            "worker {index} did not answer within {} ms",
+            self.reply_timeout.as_millis()
+        ))
+    }
+}

@@ -1,0 +1,67 @@
+//! The command line: every flag, its default and its help text.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::socket::Steering;
+
+/// UDP ingest server for app network telemetry: tells each app's home /28 network from the
+/// other addresses it connects to (candidate command-and-control servers).
+#[derive(Parser, Debug, Clone)]
+#[command(version, about, long_about = None)]
+pub struct Config {
+    /// UDP address the workers receive IpEvent datagrams on (port 0: any free port).
+    #[arg(long, default_value = "0.0.0.0:3001", value_name = "ADDR")]
+    pub udp: SocketAddr,
+
+    /// HTTP address of the REST API. The API can erase all data, so it listens on loopback
+    /// unless told otherwise (e.g. --http 0.0.0.0:3000).
+    #[arg(long, default_value = "127.0.0.1:3000", value_name = "ADDR")]
+    pub http: SocketAddr,
+
+    /// Ingest workers, each with its own socket and pinned to its own core
+    /// [default: one per available core].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
+
+    /// How the kernel spreads datagrams over the workers' sockets: `hash` keeps each sender
+    /// on one worker (SO_REUSEPORT's flow hash), `cpu` sends a datagram to the worker of the
+    /// CPU that received it, `random` picks a worker per datagram (classic BPF).
+    #[arg(long, value_enum, default_value_t = Steering::Random)]
+    pub steering: Steering,
+
+    /// Do not pin workers to cores (for shared machines, or more workers than cores).
+    #[arg(long)]
+    pub no_pin: bool,
+
+    /// Receive buffer per socket, in bytes. Set with SO_RCVBUFFORCE when the process has
+    /// CAP_NET_ADMIN, else with SO_RCVBUF, which the kernel caps at net.core.rmem_max.
+    #[arg(long, default_value_t = 16 << 20, value_name = "BYTES")]
+    pub rcvbuf: usize,
+
+    /// Datagrams received per recvmmsg call.
+    #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub batch: u16,
+
+    /// App entries the server holds, over all workers; events for new apps past it are
+    /// dropped and counted.
+    #[arg(long, default_value_t = 1_000_000, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_apps: u64,
+
+    /// Distinct IPs a worker stores per app; events for new IPs past it still count, and the
+    /// answer says "ips_truncated": true.
+    #[arg(long, default_value_t = 4096, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_ips_per_app: u64,
+
+    /// How long an HTTP request waits for the workers before answering 503, in milliseconds.
+    #[arg(long, default_value_t = 2000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub reply_timeout_ms: u64,
+}
+
+impl Config {
+    pub fn reply_timeout(&self) -> Duration {
+        Duration::from_millis(self.reply_timeout_ms)
+    }
+}

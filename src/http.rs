@@ -1,0 +1,450 @@
+//! The REST API: routing, content negotiation, JSON bodies and `/metrics`, served by one
+//! blocking tiny_http thread.
+//!
+//! [`Api::respond`] maps an [`ApiRequest`] to an [`ApiResponse`] with no socket involved, so
+//! the handling is testable and fuzzable on its own; [`serve`] only moves requests between
+//! tiny_http and it. The API never touches a worker's table: it goes through the [`Cluster`].
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::cluster::{Cluster, Unavailable};
+use crate::metrics;
+use crate::store::{Applied, Verdict};
+use crate::wire::{self, AppKey};
+use crate::worker::{as_nanos, new_histogram};
+
+/// The largest body `POST /events` takes.
+pub const MAX_BODY_BYTES: usize = 4096;
+
+/// The routes, as they are labelled in `/metrics`: a small fixed set, never a sha.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Route {
+    App,
+    Events,
+    Healthz,
+    Metrics,
+    Unknown,
+}
+
+impl Route {
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::App => "/events/{app_sha256}",
+            Route::Events => "/events",
+            Route::Healthz => "/healthz",
+            Route::Metrics => "/metrics",
+            Route::Unknown => "other",
+        }
+    }
+
+    fn of(path: &str) -> Route {
+        match path {
+            "/events" => Route::Events,
+            "/healthz" => Route::Healthz,
+            "/metrics" => Route::Metrics,
+            _ if path.starts_with("/events/") => Route::App,
+            _ => Route::Unknown,
+        }
+    }
+
+    /// The methods the route answers, for 405's `Allow` header.
+    fn allow(self) -> &'static str {
+        match self {
+            Route::App => "GET, DELETE",
+            Route::Events => "POST, DELETE",
+            Route::Healthz | Route::Metrics => "GET",
+            Route::Unknown => "",
+        }
+    }
+}
+
+/// A request, as far as the API cares.
+#[derive(Clone, Debug, Default)]
+pub struct ApiRequest {
+    pub method: String,
+    /// The request target: a path, possibly with a query string, which is ignored.
+    pub url: String,
+    pub accept: Option<String>,
+    pub content_type: Option<String>,
+    pub authorization: Option<String>,
+    /// The body, read up to one byte past [`MAX_BODY_BYTES`].
+    pub body: Vec<u8>,
+    /// The declared body length, when the client declared one.
+    pub content_length: Option<usize>,
+}
+
+/// A response, before it is written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiResponse {
+    pub status: u16,
+    pub content_type: Option<&'static str>,
+    pub allow: Option<&'static str>,
+    pub body: Vec<u8>,
+}
+
+impl ApiResponse {
+    fn json(status: u16, value: &impl Serialize) -> ApiResponse {
+        ApiResponse {
+            status,
+            content_type: Some("application/json"),
+            allow: None,
+            body: serde_json::to_vec(value).expect("API bodies serialize"),
+        }
+    }
+
+    fn error(status: u16, message: impl Into<String>) -> ApiResponse {
+        #[derive(Serialize)]
+        struct Error {
+            error: String,
+        }
+        ApiResponse::json(
+            status,
+            &Error {
+                error: message.into(),
+            },
+        )
+    }
+
+    fn text(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> ApiResponse {
+        ApiResponse {
+            status,
+            content_type: Some(content_type),
+            allow: None,
+            body: body.into(),
+        }
+    }
+
+    fn no_content() -> ApiResponse {
+        ApiResponse {
+            status: 204,
+            content_type: None,
+            allow: None,
+            body: Vec::new(),
+        }
+    }
+
+    fn unavailable(error: Unavailable) -> ApiResponse {
+        ApiResponse::error(503, error.0)
+    }
+}
+
+/// The JSON answer of `GET /events/{app_sha256}`.
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct AppAnswer {
+    pub count: u64,
+    pub good_ips: Vec<String>,
+    pub bad_ips: Vec<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub ips_truncated: bool,
+}
+
+impl From<&Verdict> for AppAnswer {
+    fn from(verdict: &Verdict) -> AppAnswer {
+        let quads = |ips: &[u32]| ips.iter().map(|&ip| wire::dotted_quad(ip)).collect();
+        AppAnswer {
+            count: verdict.count,
+            good_ips: quads(&verdict.good_ips),
+            bad_ips: quads(&verdict.bad_ips),
+            ips_truncated: verdict.ips_truncated,
+        }
+    }
+}
+
+/// The state of the HTTP thread: the cluster, and the request counts and latencies that only
+/// this thread writes.
+pub struct Api {
+    cluster: Cluster,
+    pub requests: BTreeMap<(Route, u16), u64>,
+    /// `GET /events/{app_sha256}` latency, nanoseconds.
+    pub query_ns: Histogram<u64>,
+    /// `DELETE /events` and `DELETE /events/{app_sha256}` latency, nanoseconds.
+    pub reset_ns: Histogram<u64>,
+}
+
+impl Api {
+    pub fn new(cluster: Cluster) -> Api {
+        Api {
+            cluster,
+            requests: BTreeMap::new(),
+            query_ns: new_histogram(),
+            reset_ns: new_histogram(),
+        }
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// Answers one request and counts it by route and status.
+    pub fn respond(&mut self, request: &ApiRequest) -> ApiResponse {
+        let started = Instant::now();
+        let path = request.url.split(['?', '#']).next().unwrap_or("");
+        let route = Route::of(path);
+        let response = self.route(route, path, request);
+        *self.requests.entry((route, response.status)).or_default() += 1;
+        let elapsed_ns = as_nanos(started.elapsed());
+        match (route, request.method.as_str(), response.status) {
+            (Route::App, "GET", 200) => self.query_ns.saturating_record(elapsed_ns),
+            (Route::App | Route::Events, "DELETE", 204) => {
+                self.reset_ns.saturating_record(elapsed_ns)
+            }
+            _ => {}
+        }
+        response
+    }
+
+    fn route(&mut self, route: Route, path: &str, request: &ApiRequest) -> ApiResponse {
+        let method = request.method.as_str();
+        match (route, method) {
+            (Route::Unknown, _) => ApiResponse::error(404, format!("no route for {path}")),
+            (Route::Healthz, "GET") => ApiResponse::text(200, "text/plain", "ok"),
+            (Route::Metrics, "GET") => {
+                let text = metrics::render(self);
+                ApiResponse::text(200, "text/plain; version=0.0.4", text)
+            }
+            (Route::Events, "DELETE") => match self.cluster.reset_all() {
+                Ok(()) => ApiResponse::no_content(),
+                Err(e) => ApiResponse::unavailable(e),
+            },
+            (Route::Events, "POST") => self.post_event(request),
+            (Route::App, "GET" | "DELETE") => {
+                let Some(app) = parse_app(&path["/events/".len()..]) else {
+                    return ApiResponse::error(400, "app_sha256 must be 64 hex digits");
+                };
+                if method == "DELETE" {
+                    return match self.cluster.reset_app(app) {
+                        Ok(()) => ApiResponse::no_content(),
+                        Err(e) => ApiResponse::unavailable(e),
+                    };
+                }
+                if !accepts_json(request.accept.as_deref()) {
+                    return ApiResponse::error(
+                        406,
+                        "this resource is only available as application/json",
+                    );
+                }
+                match self.cluster.query(app) {
+                    Ok(verdict) => ApiResponse::json(200, &AppAnswer::from(&verdict)),
+                    Err(e) => ApiResponse::unavailable(e),
+                }
+            }
+            _ => {
+                let mut response =
+                    ApiResponse::error(405, format!("{method} is not allowed on {path}"));
+                response.allow = Some(route.allow());
+                response
+            }
+        }
+    }
+
+    fn post_event(&mut self, request: &ApiRequest) -> ApiResponse {
+        let media_type = request.content_type.as_deref().map(media_type);
+        if !media_type.is_some_and(|t| t.eq_ignore_ascii_case("application/octet-stream")) {
+            return ApiResponse::error(
+                415,
+                "the body must be one IpEvent as application/octet-stream",
+            );
+        }
+        if request.content_length.unwrap_or(0) > MAX_BODY_BYTES
+            || request.body.len() > MAX_BODY_BYTES
+        {
+            return ApiResponse::error(
+                413,
+                format!("the body may hold at most {MAX_BODY_BYTES} bytes"),
+            );
+        }
+        let event = match wire::parse(&request.body) {
+            Ok(event) => event,
+            Err(reason) => {
+                return ApiResponse::error(400, format!("invalid IpEvent: {}", reason.as_str()))
+            }
+        };
+        match self.cluster.apply(event) {
+            Ok(Applied::Stored | Applied::IpDropped) => ApiResponse::no_content(),
+            Ok(Applied::AppDropped) => {
+                ApiResponse::error(507, "the server is at its --max-apps limit")
+            }
+            Err(e) => ApiResponse::unavailable(e),
+        }
+    }
+}
+
+fn parse_app(segment: &str) -> Option<AppKey> {
+    if segment.len() != 64 {
+        return None;
+    }
+    AppKey::from_hex(segment.as_bytes())
+}
+
+/// The media type of a Content-Type or Accept entry, without parameters.
+fn media_type(value: &str) -> &str {
+    value.split(';').next().unwrap_or("").trim()
+}
+
+/// Whether an Accept header admits `application/json`. No header admits anything; a range
+/// with `q=0` rules its types out.
+pub fn accepts_json(accept: Option<&str>) -> bool {
+    let Some(accept) = accept else {
+        return true;
+    };
+    if accept.trim().is_empty() {
+        return true;
+    }
+    accept.split(',').any(|range| {
+        let mut parts = range.split(';');
+        let kind = parts.next().unwrap_or("").trim();
+        let matches = ["application/json", "application/*", "*/*"]
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(kind));
+        let refused = parts.any(|param| {
+            let param = param.trim();
+            let Some((name, value)) = param.split_once('=') else {
+                return false;
+            };
+            name.trim().eq_ignore_ascii_case("q")
+                && value.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+        });
+        matches && !refused
+    })
+}
+
+/// Reads what the API needs from a tiny_http request; the body only up to one byte past the
+/// limit, so a huge body costs no memory.
+pub fn read_request(request: &mut tiny_http::Request) -> ApiRequest {
+    let header = |name: &'static str| {
+        request
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv(name))
+            .map(|h| h.value.as_str().to_owned())
+    };
+    let mut api_request = ApiRequest {
+        method: request.method().as_str().to_owned(),
+        url: request.url().to_owned(),
+        accept: header("Accept"),
+        content_type: header("Content-Type"),
+        authorization: header("Authorization"),
+        body: Vec::new(),
+        content_length: request.body_length(),
+    };
+    if api_request.content_length.unwrap_or(0) <= MAX_BODY_BYTES {
+        let _ = request
+            .as_reader()
+            .take(MAX_BODY_BYTES as u64 + 1)
+            .read_to_end(&mut api_request.body);
+    }
+    api_request
+}
+
+/// Answers requests until `server` is unblocked; returns the API for the final report.
+pub fn serve(
+    server: &tiny_http::Server,
+    mut api: Api,
+    stopping: &std::sync::atomic::AtomicBool,
+) -> Api {
+    use std::sync::atomic::Ordering;
+    loop {
+        let mut request = match server.recv() {
+            Ok(request) => request,
+            Err(_) if stopping.load(Ordering::Acquire) => return api,
+            Err(e) => {
+                eprintln!("http: {e}");
+                continue;
+            }
+        };
+        let api_request = read_request(&mut request);
+        let response = api.respond(&api_request);
+        let _ = request.respond(to_tiny_http(response));
+    }
+}
+
+fn to_tiny_http(response: ApiResponse) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
+    let mut out = tiny_http::Response::from_data(response.body).with_status_code(response.status);
+    if let Some(content_type) = response.content_type {
+        out.add_header(header("Content-Type", content_type));
+    }
+    if let Some(allow) = response.allow {
+        out.add_header(header("Allow", allow));
+    }
+    out
+}
+
+fn header(name: &'static str, value: &'static str) -> tiny_http::Header {
+    tiny_http::Header::from_bytes(name, value).expect("static headers are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_negotiation() {
+        let cases = [
+            (None, true),
+            (Some(""), true),
+            (Some("application/json"), true),
+            (Some("Application/JSON; charset=utf-8"), true),
+            (Some("text/html, application/*;q=0.5"), true),
+            (Some("*/*"), true),
+            (Some("text/html"), false),
+            (Some("text/plain, image/png"), false),
+            (Some("application/json;q=0"), false),
+            (Some("application/json; q=0.0, text/html"), false),
+            (Some("application/xml"), false),
+        ];
+        for (accept, want) in cases {
+            assert_eq!(accepts_json(accept), want, "Accept: {accept:?}");
+        }
+    }
+
+    #[test]
+    fn answer_json_shape() {
+        let verdict = Verdict {
+            count: 3,
+            good_ips: (1..=14).map(|d| 0x0a00_0000 | d).collect(),
+            bad_ips: vec![0x0102_0304],
+            ips_truncated: false,
+        };
+        let json = serde_json::to_value(AppAnswer::from(&verdict)).unwrap();
+        let good: Vec<String> = (1..=14).map(|d| format!("10.0.0.{d}")).collect();
+        assert_eq!(
+            json,
+            serde_json::json!({"count": 3, "good_ips": good, "bad_ips": ["1.2.3.4"]})
+        );
+        let empty = Verdict {
+            count: 0,
+            good_ips: vec![],
+            bad_ips: vec![],
+            ips_truncated: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&AppAnswer::from(&empty)).unwrap(),
+            r#"{"count":0,"good_ips":[],"bad_ips":[]}"#
+        );
+        let truncated = Verdict {
+            ips_truncated: true,
+            ..empty
+        };
+        assert_eq!(
+            serde_json::to_value(AppAnswer::from(&truncated)).unwrap()["ips_truncated"],
+            true
+        );
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(Route::of("/events"), Route::Events);
+        assert_eq!(Route::of("/events/abc"), Route::App);
+        assert_eq!(Route::of("/events/"), Route::App);
+        assert_eq!(Route::of("/eventsx"), Route::Unknown);
+        assert_eq!(Route::of("/"), Route::Unknown);
+        assert_eq!(parse_app(&"Ab".repeat(32)), Some(AppKey([0xab; 32])));
+        assert_eq!(parse_app(&"ab".repeat(33)), None);
+        assert_eq!(parse_app(&"zz".repeat(32)), None);
+    }
+}

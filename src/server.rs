@@ -1,0 +1,285 @@
+//! The server's lifecycle: bind the sockets, start and pin the workers and the HTTP thread,
+//! wait for a signal or a failure, then stop in order and report.
+//!
+//! Set-up errors come back as one line naming what failed; nothing here runs per datagram.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::cluster::Cluster;
+use crate::config::Config;
+use crate::http::{self, Api};
+use crate::metrics::{self, Totals};
+use crate::socket::{self, Rcvbuf};
+use crate::store::{AppBudget, AppTable, Limits};
+use crate::worker::{Command, Worker, WorkerStats};
+
+/// Something the main thread must act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// SIGINT or SIGTERM: stop gracefully.
+    Signal(i32),
+    /// A worker thread ended; unless the server is stopping, that is a failure.
+    WorkerStopped(usize),
+    /// The HTTP thread ended; unless the server is stopping, that is a failure.
+    HttpStopped,
+}
+
+/// Sends a [`Lifecycle`] message when the thread that holds it ends, by return or by panic.
+struct ExitNotice {
+    lifecycle: Sender<Lifecycle>,
+    message: Lifecycle,
+}
+
+impl Drop for ExitNotice {
+    fn drop(&mut self) {
+        let _ = self.lifecycle.send(self.message);
+    }
+}
+
+/// A running server.
+pub struct Server {
+    pub udp_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub rcvbuf: Rcvbuf,
+    pub workers: usize,
+    worker_threads: Vec<Option<JoinHandle<io::Result<WorkerStats>>>>,
+    http_server: Arc<tiny_http::Server>,
+    http_thread: Option<JoinHandle<Api>>,
+    stopping: Arc<AtomicBool>,
+    lifecycle: Receiver<Lifecycle>,
+    lifecycle_tx: Sender<Lifecycle>,
+}
+
+/// Binds everything and starts the threads. Errors name the step that failed.
+pub fn start(config: &Config) -> Result<Server, String> {
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let available = cores.len().max(1);
+    let workers = config.workers.map_or(available, usize::from);
+    if !config.no_pin && workers > cores.len() {
+        return Err(format!(
+            "--workers {workers} is more than the {} cores this process may run on: \
+             lower it, or add --no-pin to run unpinned",
+            cores.len()
+        ));
+    }
+
+    let (sockets, rcvbuf) = socket::bind_reuseport_group(config.udp, workers, config.rcvbuf)
+        .map_err(|e| format!("bind udp {}: {e}", config.udp))?;
+    let udp_addr = sockets[0]
+        .local_addr()
+        .map_err(|e| format!("udp local address: {e}"))?;
+    socket::attach_steering(&sockets[0], config.steering, workers).map_err(|e| {
+        format!(
+            "attach {:?} steering (SO_ATTACH_REUSEPORT_CBPF): {e}; use --steering hash",
+            config.steering
+        )
+    })?;
+    let listener =
+        TcpListener::bind(config.http).map_err(|e| format!("bind http {}: {e}", config.http))?;
+    let http_addr = listener
+        .local_addr()
+        .map_err(|e| format!("http local address: {e}"))?;
+    let http_server = tiny_http::Server::from_listener(listener, None)
+        .map_err(|e| format!("start http server on {http_addr}: {e}"))?;
+
+    let budget = Arc::new(AppBudget::new(
+        usize::try_from(config.max_apps).unwrap_or(usize::MAX),
+    ));
+    let limits = Limits {
+        max_ips_per_app: usize::try_from(config.max_ips_per_app).unwrap_or(usize::MAX),
+    };
+    let (lifecycle_tx, lifecycle) = crossbeam_channel::unbounded();
+    let mut handles = Vec::with_capacity(workers);
+    let mut worker_threads = Vec::with_capacity(workers);
+    for (id, udp) in sockets.into_iter().enumerate() {
+        let table = AppTable::new(limits, budget.clone());
+        let (worker, handle) = Worker::new(id, udp, table, usize::from(config.batch))
+            .map_err(|e| format!("set up worker {id}: {e}"))?;
+        handles.push(handle);
+        let core = (!config.no_pin).then(|| cores[id % cores.len()]);
+        let notice = ExitNotice {
+            lifecycle: lifecycle_tx.clone(),
+            message: Lifecycle::WorkerStopped(id),
+        };
+        let thread = thread::Builder::new()
+            .name(format!("worker-{id}"))
+            .spawn(move || {
+                let _notice = notice;
+                if let Some(core) = core {
+                    if !core_affinity::set_for_current(core) {
+                        eprintln!("warning: worker {id}: could not pin to core {}", core.id);
+                    }
+                }
+                worker.run()
+            })
+            .map_err(|e| format!("spawn worker {id}: {e}"))?;
+        worker_threads.push(Some(thread));
+    }
+
+    let api = Api::new(Cluster::new(handles, budget, config.reply_timeout()));
+    let http_server = Arc::new(http_server);
+    let stopping = Arc::new(AtomicBool::new(false));
+    let notice = ExitNotice {
+        lifecycle: lifecycle_tx.clone(),
+        message: Lifecycle::HttpStopped,
+    };
+    let http_thread = {
+        let server = http_server.clone();
+        let stopping = stopping.clone();
+        thread::Builder::new()
+            .name("http".into())
+            .spawn(move || {
+                let _notice = notice;
+                http::serve(&server, api, &stopping)
+            })
+            .map_err(|e| format!("spawn http thread: {e}"))?
+    };
+
+    Ok(Server {
+        udp_addr,
+        http_addr,
+        rcvbuf,
+        workers,
+        worker_threads,
+        http_server,
+        http_thread: Some(http_thread),
+        stopping,
+        lifecycle,
+        lifecycle_tx,
+    })
+}
+
+impl Server {
+    /// Forwards SIGINT and SIGTERM to [`Server::wait`].
+    pub fn forward_signals(&self) -> io::Result<()> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+        let lifecycle = self.lifecycle_tx.clone();
+        thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                for signal in signals.forever() {
+                    let _ = lifecycle.send(Lifecycle::Signal(signal));
+                }
+            })?;
+        Ok(())
+    }
+
+    /// A sender for lifecycle messages, for embedding the server (tests use it to stop it).
+    pub fn lifecycle_sender(&self) -> Sender<Lifecycle> {
+        self.lifecycle_tx.clone()
+    }
+
+    /// Blocks until something needs the main thread.
+    pub fn wait(&self) -> Lifecycle {
+        self.lifecycle
+            .recv()
+            .expect("the server holds a sender, so the channel stays open")
+    }
+
+    /// Stops taking requests, lets every worker drain its socket and stop, and returns the
+    /// shutdown report.
+    pub fn shutdown(mut self) -> Result<String, String> {
+        self.stopping.store(true, Ordering::Release);
+        self.http_server.unblock();
+        let api = self
+            .http_thread
+            .take()
+            .expect("the http thread is joined once")
+            .join()
+            .map_err(|payload| format!("http thread failed: {}", panic_message(&*payload)))?;
+        for worker in api.cluster().workers() {
+            let _ = worker.send(Command::Shutdown);
+        }
+        let mut stats = Vec::with_capacity(self.worker_threads.len());
+        for id in 0..self.worker_threads.len() {
+            stats.push(self.join_worker(id)?);
+        }
+        let totals = Totals::of(api.cluster());
+        Ok(metrics::report(
+            &totals,
+            &metrics::merge_latencies(&stats),
+            &api,
+        ))
+    }
+
+    /// Explains why a thread ended while the server was running.
+    pub fn failure(mut self, event: Lifecycle) -> String {
+        match event {
+            Lifecycle::WorkerStopped(id) => match self.join_worker(id) {
+                Ok(_) => format!("worker {id} stopped unexpectedly"),
+                Err(e) => e,
+            },
+            Lifecycle::HttpStopped => match self.http_thread.take().map(JoinHandle::join) {
+                Some(Err(payload)) => format!("http thread failed: {}", panic_message(&*payload)),
+                _ => "http thread stopped unexpectedly".to_owned(),
+            },
+            Lifecycle::Signal(signal) => format!("signal {signal}"),
+        }
+    }
+
+    fn join_worker(&mut self, id: usize) -> Result<WorkerStats, String> {
+        let thread = self.worker_threads[id]
+            .take()
+            .ok_or_else(|| format!("worker {id} was already joined"))?;
+        match thread.join() {
+            Ok(Ok(stats)) => Ok(stats),
+            Ok(Err(e)) => Err(format!("worker {id} failed: {e}")),
+            Err(payload) => Err(format!("worker {id} failed: {}", panic_message(&*payload))),
+        }
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(message) = payload.downcast_ref::<&str>() {
+        (*message).to_owned()
+    } else if let Some(message) = payload.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "panic".to_owned()
+    }
+}
+
+/// Runs the server until SIGINT or SIGTERM and prints the report; the body of `main`.
+pub fn run(config: &Config) -> Result<(), String> {
+    let server = start(config)?;
+    server
+        .forward_signals()
+        .map_err(|e| format!("install signal handlers: {e}"))?;
+    if server.rcvbuf.capped() {
+        eprintln!(
+            "warning: udp receive buffer is {} bytes, not the {} asked: without CAP_NET_ADMIN the \
+             kernel caps it at net.core.rmem_max (raise it: sysctl -w net.core.rmem_max={})",
+            server.rcvbuf.granted_bytes,
+            server.rcvbuf.requested_bytes,
+            server.rcvbuf.requested_bytes
+        );
+    }
+    eprintln!(
+        "ipevents: listening udp={} http={} workers={} steering={:?} rcvbuf_bytes={} batch={}",
+        server.udp_addr,
+        server.http_addr,
+        server.workers,
+        config.steering,
+        server.rcvbuf.granted_bytes,
+        config.batch
+    );
+    match server.wait() {
+        Lifecycle::Signal(_) => {
+            eprintln!("ipevents: stopping: draining the sockets");
+            let report = server.shutdown()?;
+            print!("{report}");
+            Ok(())
+        }
+        event => Err(format!(
+            "{}; exiting so that a supervisor can restart the server",
+            server.failure(event)
+        )),
+    }
+}

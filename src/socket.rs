@@ -1,0 +1,441 @@
+//! Socket plumbing: the SO_REUSEPORT group, receive buffers, classic-BPF steering, batched
+//! `recvmmsg`/`sendmmsg`, kernel receive timestamps and kernel drop counters.
+//!
+//! This is the only module with `unsafe`. Each `unsafe` block holds one libc call behind a
+//! safe function, with a `SAFETY:` line. Nothing here parses or counts events.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::mem;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::time::{Duration, SystemTime};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// How the kernel spreads datagrams over the sockets of the group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Steering {
+    /// The kernel's flow hash of the source and destination addresses and ports: one sender
+    /// socket always lands on the same worker.
+    Hash,
+    /// The CPU that received the datagram, modulo the number of workers.
+    Cpu,
+    /// A random worker for every datagram.
+    Random,
+}
+
+/// What the kernel granted for a requested receive buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rcvbuf {
+    pub requested_bytes: usize,
+    /// Usable bytes: the kernel reports twice this, its own bookkeeping included.
+    pub granted_bytes: usize,
+    /// Whether SO_RCVBUFFORCE (CAP_NET_ADMIN) set it, rather than SO_RCVBUF.
+    pub forced: bool,
+}
+
+impl Rcvbuf {
+    /// The kernel gave less than asked: without CAP_NET_ADMIN it caps at net.core.rmem_max.
+    pub fn capped(&self) -> bool {
+        self.granted_bytes < self.requested_bytes
+    }
+}
+
+/// Binds `workers` UDP sockets to `addr` with SO_REUSEPORT, non-blocking, with kernel receive
+/// timestamps on. Port 0 picks one ephemeral port for the whole group.
+pub fn bind_reuseport_group(
+    addr: SocketAddr,
+    workers: usize,
+    rcvbuf_bytes: usize,
+) -> io::Result<(Vec<UdpSocket>, Rcvbuf)> {
+    let mut sockets = Vec::with_capacity(workers);
+    let mut addr = addr;
+    let mut rcvbuf = None;
+    for _ in 0..workers {
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        let granted = set_rcvbuf(&socket, rcvbuf_bytes)?;
+        rcvbuf.get_or_insert(granted);
+        set_timestamps(&socket)?;
+        socket.bind(&addr.into())?;
+        if addr.port() == 0 {
+            addr = socket
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("bound address is not an IP address"))?;
+        }
+        sockets.push(UdpSocket::from(socket));
+    }
+    let rcvbuf = rcvbuf.ok_or_else(|| io::Error::other("no workers"))?;
+    Ok((sockets, rcvbuf))
+}
+
+fn set_rcvbuf(socket: &Socket, bytes: usize) -> io::Result<Rcvbuf> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let forced = setsockopt_int(
+        socket.as_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        value,
+    )
+    .is_ok();
+    if !forced {
+        socket.set_recv_buffer_size(bytes)?;
+    }
+    // Linux doubles SO_RCVBUF and silently caps it at net.core.rmem_max, so read it back.
+    let granted_bytes = socket.recv_buffer_size()? / 2;
+    Ok(Rcvbuf {
+        requested_bytes: bytes,
+        granted_bytes,
+        forced,
+    })
+}
+
+/// Asks for a send buffer of `bytes`, forcing past net.core.wmem_max where the process may.
+pub fn set_sndbuf(socket: &UdpSocket, bytes: usize) -> io::Result<usize> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    if setsockopt_int(
+        socket.as_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUFFORCE,
+        value,
+    )
+    .is_err()
+    {
+        socket2::SockRef::from(socket).set_send_buffer_size(bytes)?;
+    }
+    Ok(socket2::SockRef::from(socket).send_buffer_size()? / 2)
+}
+
+fn set_timestamps(socket: &Socket) -> io::Result<()> {
+    setsockopt_int(socket.as_fd(), libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)
+}
+
+fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: `fd` is a live socket, and the option value points to a c_int of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+// Classic BPF opcodes and ancillary offsets, from linux/filter.h.
+const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+const BPF_ALU_MOD_K: u16 = (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16;
+const BPF_RET_A: u16 = (libc::BPF_RET | libc::BPF_A) as u16;
+
+/// The classic BPF program that picks a socket index for every datagram, or `None` for the
+/// kernel's own flow hash.
+fn steering_program(steering: Steering, sockets: u32) -> Option<[libc::sock_filter; 3]> {
+    let ancillary = match steering {
+        Steering::Hash => return None,
+        Steering::Cpu => libc::SKF_AD_CPU,
+        Steering::Random => libc::SKF_AD_RANDOM,
+    };
+    let op = |code, k| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    Some([
+        op(BPF_LD_W_ABS, (libc::SKF_AD_OFF + ancillary) as u32),
+        op(BPF_ALU_MOD_K, sockets),
+        op(BPF_RET_A, 0),
+    ])
+}
+
+/// Attaches the steering program to the group that `socket` belongs to. Call it once every
+/// socket is bound: the program returns an index into the group in bind order.
+pub fn attach_steering(socket: &UdpSocket, steering: Steering, sockets: usize) -> io::Result<()> {
+    let sockets = u32::try_from(sockets).map_err(|_| io::Error::other("too many sockets"))?;
+    let Some(mut program) = steering_program(steering, sockets) else {
+        return Ok(());
+    };
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` points to `program`, which outlives the call; the kernel copies it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Datagrams the kernel dropped on this socket because its receive queue was full, from
+/// SO_MEMINFO. `Ok(None)` when the kernel does not report it.
+pub fn kernel_drops(socket: &impl AsRawFd) -> io::Result<Option<u64>> {
+    // SK_MEMINFO_VARS is 9 on every kernel that has SO_MEMINFO.
+    let mut meminfo = [0u32; 9];
+    let mut len = mem::size_of_val(&meminfo) as libc::socklen_t;
+    // SAFETY: the buffer and its length describe `meminfo`, which the kernel fills.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            meminfo.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let drops = libc::SK_MEMINFO_DROPS as usize;
+    if (len as usize) < (drops + 1) * mem::size_of::<u32>() {
+        return Ok(None);
+    }
+    Ok(Some(u64::from(meminfo[drops])))
+}
+
+/// Bytes one receive slot holds: one more than the largest valid datagram, so that an
+/// oversized datagram shows as one, even without looking at MSG_TRUNC.
+pub const SLOT_BYTES: usize = crate::wire::MAX_DATAGRAM_BYTES + 1;
+
+/// Room for one SCM_TIMESTAMPNS control message, in u64 words so that it is aligned for
+/// `cmsghdr`.
+const CONTROL_WORDS: usize = 8;
+
+/// Reusable buffers for one `recvmmsg` call: allocated once per worker, never per datagram.
+pub struct RecvBatch {
+    payload: Vec<u8>,
+    control: Vec<[u64; CONTROL_WORDS]>,
+    iovecs: Vec<libc::iovec>,
+    headers: Vec<libc::mmsghdr>,
+    received: usize,
+}
+
+// SAFETY: the raw pointers inside `iovecs` and `headers` point only into the batch's own
+// buffers and are rebuilt before every call; nothing else aliases them.
+unsafe impl Send for RecvBatch {}
+
+impl RecvBatch {
+    pub fn new(capacity: usize) -> RecvBatch {
+        let capacity = capacity.max(1);
+        RecvBatch {
+            payload: vec![0; capacity * SLOT_BYTES],
+            control: vec![[0; CONTROL_WORDS]; capacity],
+            iovecs: Vec::with_capacity(capacity),
+            // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are valid.
+            headers: (0..capacity).map(|_| unsafe { mem::zeroed() }).collect(),
+            received: 0,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.headers.len()
+    }
+
+    /// Receives up to `capacity` datagrams without blocking. `WouldBlock` when none is queued.
+    pub fn recv(&mut self, socket: &impl AsRawFd) -> io::Result<usize> {
+        self.received = 0;
+        self.iovecs.clear();
+        for slot in self.payload.chunks_exact_mut(SLOT_BYTES) {
+            self.iovecs.push(libc::iovec {
+                iov_base: slot.as_mut_ptr().cast(),
+                iov_len: SLOT_BYTES,
+            });
+        }
+        for ((header, iovec), control) in self
+            .headers
+            .iter_mut()
+            .zip(self.iovecs.iter_mut())
+            .zip(self.control.iter_mut())
+        {
+            let hdr = &mut header.msg_hdr;
+            hdr.msg_name = std::ptr::null_mut();
+            hdr.msg_namelen = 0;
+            hdr.msg_iov = iovec;
+            hdr.msg_iovlen = 1;
+            hdr.msg_control = control.as_mut_ptr().cast();
+            hdr.msg_controllen = mem::size_of_val(control) as _;
+            hdr.msg_flags = 0;
+            header.msg_len = 0;
+        }
+        // SAFETY: every header points to its own payload slot and control buffer, which live
+        // in `self` for the whole call; the count matches the headers' length.
+        let rc = unsafe {
+            libc::recvmmsg(
+                socket.as_raw_fd(),
+                self.headers.as_mut_ptr(),
+                self.headers.len() as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.received = rc as usize;
+        Ok(self.received)
+    }
+
+    /// The `i`th datagram of the last `recv`, cut to the slot; an oversized datagram shows as
+    /// `SLOT_BYTES` long.
+    pub fn datagram(&self, i: usize) -> &[u8] {
+        debug_assert!(i < self.received);
+        let header = &self.headers[i];
+        let truncated = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+        let len = if truncated {
+            SLOT_BYTES
+        } else {
+            (header.msg_len as usize).min(SLOT_BYTES)
+        };
+        &self.payload[i * SLOT_BYTES..i * SLOT_BYTES + len]
+    }
+
+    /// When the kernel received the `i`th datagram of the last `recv` (SO_TIMESTAMPNS, on the
+    /// real-time clock).
+    pub fn received_at(&self, i: usize) -> Option<SystemTime> {
+        let hdr = &self.headers[i].msg_hdr;
+        // SAFETY: `hdr` was filled by the kernel in the last recvmmsg and its control buffer
+        // is still alive; CMSG_FIRSTHDR only reads msg_control and msg_controllen.
+        let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(hdr) };
+        while !cmsg.is_null() {
+            // SAFETY: a non-null pointer from CMSG_FIRSTHDR/CMSG_NXTHDR points to a complete
+            // cmsghdr inside the control buffer.
+            let header = unsafe { &*cmsg };
+            if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_TIMESTAMPNS {
+                // SAFETY: an SCM_TIMESTAMPNS message carries one timespec; the data pointer may
+                // be unaligned, hence read_unaligned.
+                let ts: libc::timespec =
+                    unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast()) };
+                let since_epoch = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+                return Some(SystemTime::UNIX_EPOCH + since_epoch);
+            }
+            // SAFETY: as for CMSG_FIRSTHDR; returns null past the last message.
+            cmsg = unsafe { libc::CMSG_NXTHDR(hdr, cmsg) };
+        }
+        None
+    }
+}
+
+/// Reusable buffers for one `sendmmsg` call to a single connected destination.
+pub struct SendBatch {
+    iovecs: Vec<libc::iovec>,
+    headers: Vec<libc::mmsghdr>,
+}
+
+// SAFETY: the raw pointers are rebuilt from borrowed slices at every call and never kept.
+unsafe impl Send for SendBatch {}
+
+impl SendBatch {
+    pub fn new(capacity: usize) -> SendBatch {
+        SendBatch {
+            iovecs: Vec::with_capacity(capacity),
+            // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are valid.
+            headers: (0..capacity.max(1))
+                .map(|_| unsafe { mem::zeroed() })
+                .collect(),
+        }
+    }
+
+    /// Sends each of `datagrams` (at most the batch capacity) on a connected socket; returns
+    /// how many the kernel took, which may be fewer.
+    pub fn send(&mut self, socket: &UdpSocket, datagrams: &[&[u8]]) -> io::Result<usize> {
+        let count = datagrams.len().min(self.headers.len());
+        self.iovecs.clear();
+        for datagram in &datagrams[..count] {
+            self.iovecs.push(libc::iovec {
+                iov_base: datagram.as_ptr() as *mut libc::c_void,
+                iov_len: datagram.len(),
+            });
+        }
+        for (header, iovec) in self.headers.iter_mut().zip(self.iovecs.iter_mut()) {
+            // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are valid.
+            *header = unsafe { mem::zeroed() };
+            header.msg_hdr.msg_iov = iovec;
+            header.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: the first `count` headers point to iovecs that point into `datagrams`,
+        // which the kernel only reads and which outlive the call.
+        let rc = unsafe {
+            libc::sendmmsg(
+                socket.as_raw_fd(),
+                self.headers.as_mut_ptr(),
+                count as libc::c_uint,
+                0,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(rc as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steering_programs() {
+        assert!(steering_program(Steering::Hash, 4).is_none());
+        for (steering, ancillary) in [
+            (Steering::Cpu, libc::SKF_AD_CPU),
+            (Steering::Random, libc::SKF_AD_RANDOM),
+        ] {
+            let program = steering_program(steering, 3).unwrap();
+            assert_eq!(program[0].k, (libc::SKF_AD_OFF + ancillary) as u32);
+            assert_eq!(program[1].k, 3);
+            assert_eq!(program[2].code, BPF_RET_A);
+        }
+    }
+
+    #[test]
+    fn batch_receives_payloads_and_timestamps() {
+        let (sockets, _) =
+            bind_reuseport_group("127.0.0.1:0".parse().unwrap(), 1, 1 << 20).unwrap();
+        let receiver = &sockets[0];
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sender.connect(receiver.local_addr().unwrap()).unwrap();
+        let big = vec![7u8; 2000];
+        let mut send = SendBatch::new(4);
+        let sent = send.send(&sender, &[b"one", b"", &big]).unwrap();
+        assert_eq!(sent, 3);
+        let mut batch = RecvBatch::new(8);
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while got.len() < 3 && std::time::Instant::now() < deadline {
+            match batch.recv(receiver) {
+                Ok(n) => {
+                    for i in 0..n {
+                        assert!(batch.received_at(i).is_some());
+                        got.push(batch.datagram(i).to_vec());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("recv: {e}"),
+            }
+        }
+        assert_eq!(got[0], b"one");
+        assert_eq!(got[1], b"");
+        assert_eq!(got[2].len(), SLOT_BYTES);
+        assert!(matches!(kernel_drops(receiver), Ok(Some(0))));
+    }
+}

@@ -1,0 +1,565 @@
+//! Per-worker aggregation: the [`AppTable`] each worker owns, the [`Partial`] answers it
+//! gives for one app, and the merge and classification that turn partials into a [`Verdict`].
+//!
+//! Pure data structures: no I/O, no locks, no logging. The only shared state is the
+//! [`AppBudget`], an atomic counter touched when an app entry is created or freed, never per
+//! event.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use smallvec::SmallVec;
+
+use crate::wire::{AppKey, Event};
+
+/// An app whose distinct IPs fit in this many entries keeps them in a flat vector (linear
+/// search over at most 384 bytes); past it they move to a hash map.
+const FLAT_IPS_MAX: usize = 32;
+
+/// One observed IP of an app and how many events named it.
+///
+/// Packed to 12 bytes: this is the unit of memory per (app, ip) pair, and the padding of an
+/// aligned `u64` would cost a quarter more.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, packed(4))]
+struct IpCount {
+    ip: u32,
+    events: u64,
+}
+
+/// The IPs of one app: inline for the common app with one or two IPs, a flat vector up to
+/// [`FLAT_IPS_MAX`], a hash map beyond.
+#[derive(Debug)]
+enum IpSet {
+    Flat(SmallVec<[IpCount; 2]>),
+    Map(HashMap<u32, u64>),
+}
+
+impl IpSet {
+    fn len(&self) -> usize {
+        match self {
+            IpSet::Flat(ips) => ips.len(),
+            IpSet::Map(ips) => ips.len(),
+        }
+    }
+
+    /// Adds one event for `ip`; returns false, changing nothing, when `ip` is new and the set
+    /// already holds `max_ips`.
+    fn add(&mut self, ip: u32, events: u64, max_ips: usize) -> bool {
+        match self {
+            IpSet::Flat(ips) => {
+                if let Some(entry) = ips.iter_mut().find(|entry| entry.ip == ip) {
+                    entry.events = entry.events.saturating_add(events);
+                    return true;
+                }
+                if ips.len() >= max_ips {
+                    return false;
+                }
+                if ips.len() < FLAT_IPS_MAX {
+                    ips.push(IpCount { ip, events });
+                    return true;
+                }
+                let mut map: HashMap<u32, u64> = ips.iter().map(|e| (e.ip, e.events)).collect();
+                map.insert(ip, events);
+                *self = IpSet::Map(map);
+                true
+            }
+            IpSet::Map(ips) => {
+                if let Some(count) = ips.get_mut(&ip) {
+                    *count = count.saturating_add(events);
+                    return true;
+                }
+                if ips.len() >= max_ips {
+                    return false;
+                }
+                ips.insert(ip, events);
+                true
+            }
+        }
+    }
+
+    fn to_vec(&self) -> Vec<(u32, u64)> {
+        match self {
+            IpSet::Flat(ips) => ips.iter().map(|e| (e.ip, e.events)).collect(),
+            IpSet::Map(ips) => ips.iter().map(|(&ip, &events)| (ip, events)).collect(),
+        }
+    }
+}
+
+/// What one worker knows about one app.
+#[derive(Debug)]
+struct AppState {
+    events: u64,
+    ips: IpSet,
+    ips_truncated: bool,
+}
+
+/// Caps that bound what the network can make the server hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Distinct IPs one worker stores for one app.
+    pub max_ips_per_app: usize,
+}
+
+/// The server-wide cap on app entries, shared by all workers.
+///
+/// An app seen by k workers takes k entries. The counter moves only when an entry is created
+/// or freed, so it costs nothing per event for known apps.
+#[derive(Debug)]
+pub struct AppBudget {
+    max_entries: usize,
+    used: AtomicUsize,
+}
+
+impl AppBudget {
+    pub fn new(max_entries: usize) -> AppBudget {
+        AppBudget {
+            max_entries,
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    /// App entries held by all workers together.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn try_take(&self) -> bool {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                (used < self.max_entries).then_some(used + 1)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, entries: usize) {
+        self.used.fetch_sub(entries, Ordering::Relaxed);
+    }
+}
+
+/// What happened to one applied event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Counted, and its IP is stored.
+    Stored,
+    /// Counted, but its IP is new and the app is at `max_ips_per_app`, so the IP is not kept.
+    IpDropped,
+    /// Dropped whole: the app is new and the server is at its app budget.
+    AppDropped,
+}
+
+/// One worker's map of apps. Owned by exactly one thread.
+#[derive(Debug)]
+pub struct AppTable {
+    apps: HashMap<AppKey, AppState>,
+    limits: Limits,
+    budget: std::sync::Arc<AppBudget>,
+}
+
+impl AppTable {
+    pub fn new(limits: Limits, budget: std::sync::Arc<AppBudget>) -> AppTable {
+        AppTable {
+            apps: HashMap::new(),
+            limits,
+            budget,
+        }
+    }
+
+    /// Counts one event.
+    pub fn apply(&mut self, event: Event) -> Applied {
+        let max_ips = self.limits.max_ips_per_app;
+        if let Some(state) = self.apps.get_mut(&event.app) {
+            state.events = state.events.saturating_add(1);
+            if state.ips.add(event.ip, 1, max_ips) {
+                return Applied::Stored;
+            }
+            state.ips_truncated = true;
+            return Applied::IpDropped;
+        }
+        if !self.budget.try_take() {
+            return Applied::AppDropped;
+        }
+        let mut ips = SmallVec::new();
+        ips.push(IpCount {
+            ip: event.ip,
+            events: 1,
+        });
+        self.apps.insert(
+            event.app,
+            AppState {
+                events: 1,
+                ips: IpSet::Flat(ips),
+                ips_truncated: false,
+            },
+        );
+        Applied::Stored
+    }
+
+    /// This worker's share of what the server knows about `app`.
+    pub fn partial(&self, app: &AppKey) -> Partial {
+        match self.apps.get(app) {
+            None => Partial::default(),
+            Some(state) => Partial {
+                events: state.events,
+                ips: state.ips.to_vec(),
+                ips_truncated: state.ips_truncated,
+            },
+        }
+    }
+
+    /// Forgets `app`; returns whether it was known.
+    pub fn remove(&mut self, app: &AppKey) -> bool {
+        let removed = self.apps.remove(app).is_some();
+        if removed {
+            self.budget.give_back(1);
+        }
+        removed
+    }
+
+    /// Forgets every app and returns the memory to the allocator.
+    pub fn clear(&mut self) {
+        self.budget.give_back(self.apps.len());
+        self.apps = HashMap::new();
+    }
+
+    /// Apps held by this table.
+    pub fn len(&self) -> usize {
+        self.apps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.apps.is_empty()
+    }
+
+    /// Distinct (app, ip) pairs held by this table.
+    pub fn pairs(&self) -> usize {
+        self.apps.values().map(|state| state.ips.len()).sum()
+    }
+}
+
+impl Drop for AppTable {
+    fn drop(&mut self) {
+        self.budget.give_back(self.apps.len());
+    }
+}
+
+/// One worker's answer for one app: its event count and its IPs with their event counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Partial {
+    pub events: u64,
+    pub ips: Vec<(u32, u64)>,
+    pub ips_truncated: bool,
+}
+
+/// The server's answer for one app.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// Valid events for the app since the last reset.
+    pub count: u64,
+    /// The home /28 block's 14 hosts (.1 to .14) in numeric order; empty for an unknown app.
+    pub good_ips: Vec<u32>,
+    /// Every observed IP outside those 14, in numeric order.
+    pub bad_ips: Vec<u32>,
+    /// Some IPs were not stored because the app reached `max_ips_per_app` on a worker.
+    pub ips_truncated: bool,
+}
+
+/// Adds up the partial answers of all workers. The sum is commutative, so the result does not
+/// depend on which worker saw which event.
+pub fn merge_partials(partials: impl IntoIterator<Item = Partial>) -> Partial {
+    let mut events = 0u64;
+    let mut ips_truncated = false;
+    let mut merged: BTreeMap<u32, u64> = BTreeMap::new();
+    for partial in partials {
+        events = events.saturating_add(partial.events);
+        ips_truncated |= partial.ips_truncated;
+        for (ip, count) in partial.ips {
+            let slot = merged.entry(ip).or_default();
+            *slot = slot.saturating_add(count);
+        }
+    }
+    Partial {
+        events,
+        ips: merged.into_iter().collect(),
+        ips_truncated,
+    }
+}
+
+/// The /28 block (`ip >> 4`) holding the most distinct IPs; ties go to the block with more
+/// events, then to the lower block.
+pub fn home_block(ips: &[(u32, u64)]) -> Option<u32> {
+    // (distinct ips, events) per block; BTreeMap iterates blocks in ascending order.
+    let mut blocks: BTreeMap<u32, (usize, u64)> = BTreeMap::new();
+    for &(ip, events) in ips {
+        let block = blocks.entry(ip >> 4).or_default();
+        block.0 += 1;
+        block.1 = block.1.saturating_add(events);
+    }
+    let mut best: Option<(u32, (usize, u64))> = None;
+    for (block, score) in blocks {
+        // Strictly greater, so that on a full tie the lower block, seen first, stays.
+        if best.is_none_or(|(_, best_score)| score > best_score) {
+            best = Some((block, score));
+        }
+    }
+    best.map(|(block, _)| block)
+}
+
+/// Classifies a merged partial: the home block's hosts are good, every other IP is bad.
+pub fn classify(merged: &Partial) -> Verdict {
+    let Some(block) = home_block(&merged.ips) else {
+        return Verdict {
+            count: merged.events,
+            good_ips: Vec::new(),
+            bad_ips: Vec::new(),
+            ips_truncated: merged.ips_truncated,
+        };
+    };
+    let network = block << 4;
+    let good_ips: Vec<u32> = (1..=14).map(|host| network | host).collect();
+    let mut bad_ips: Vec<u32> = merged
+        .ips
+        .iter()
+        .map(|&(ip, _)| ip)
+        .filter(|ip| !good_ips.contains(ip))
+        .collect();
+    bad_ips.sort_unstable();
+    bad_ips.dedup();
+    Verdict {
+        count: merged.events,
+        good_ips,
+        bad_ips,
+        ips_truncated: merged.ips_truncated,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn app(n: u8) -> AppKey {
+        AppKey([n; 32])
+    }
+
+    fn ip(a: u8, b: u8, c: u8, d: u8) -> u32 {
+        u32::from_be_bytes([a, b, c, d])
+    }
+
+    fn table(max_apps: usize, max_ips_per_app: usize) -> AppTable {
+        AppTable::new(
+            Limits { max_ips_per_app },
+            Arc::new(AppBudget::new(max_apps)),
+        )
+    }
+
+    #[track_caller]
+    fn check_block(ips: &[(u32, u64)], want: Option<u32>) {
+        assert_eq!(home_block(ips), want, "ips {ips:?}");
+    }
+
+    #[test]
+    fn home_block_and_tie_breaks() {
+        check_block(&[], None);
+        check_block(&[(ip(10, 0, 0, 1), 1)], Some(ip(10, 0, 0, 0) >> 4));
+        // More distinct IPs wins over more events.
+        check_block(
+            &[
+                (ip(10, 0, 0, 1), 1),
+                (ip(10, 0, 0, 2), 1),
+                (ip(9, 0, 0, 1), 1000),
+            ],
+            Some(ip(10, 0, 0, 0) >> 4),
+        );
+        // Equal distinct IPs: more events wins, even for the higher block.
+        check_block(
+            &[
+                (ip(9, 0, 0, 1), 1),
+                (ip(9, 0, 0, 2), 1),
+                (ip(10, 0, 0, 1), 1),
+                (ip(10, 0, 0, 2), 2),
+            ],
+            Some(ip(10, 0, 0, 0) >> 4),
+        );
+        // Full tie: the lower block wins.
+        check_block(
+            &[(ip(10, 0, 0, 17), 3), (ip(10, 0, 0, 1), 3)],
+            Some(ip(10, 0, 0, 0) >> 4),
+        );
+        // .0 and .15 belong to the block when choosing it.
+        check_block(
+            &[
+                (ip(10, 0, 0, 0), 1),
+                (ip(10, 0, 0, 15), 1),
+                (ip(10, 0, 0, 16), 1),
+            ],
+            Some(ip(10, 0, 0, 0) >> 4),
+        );
+        check_block(&[(u32::MAX, 1)], Some(u32::MAX >> 4));
+    }
+
+    #[test]
+    fn classification() {
+        let merged = Partial {
+            events: 9,
+            ips: vec![
+                (ip(10, 0, 0, 0), 1),
+                (ip(10, 0, 0, 1), 1),
+                (ip(10, 0, 0, 5), 4),
+                (ip(10, 0, 0, 15), 1),
+                (ip(1, 2, 3, 4), 2),
+            ],
+            ips_truncated: false,
+        };
+        let verdict = classify(&merged);
+        assert_eq!(verdict.count, 9);
+        assert_eq!(
+            verdict.good_ips,
+            (1..=14).map(|d| ip(10, 0, 0, d)).collect::<Vec<_>>()
+        );
+        // The block's own network and broadcast addresses are bad.
+        assert_eq!(
+            verdict.bad_ips,
+            vec![ip(1, 2, 3, 4), ip(10, 0, 0, 0), ip(10, 0, 0, 15)]
+        );
+        assert_eq!(
+            classify(&Partial::default()),
+            Verdict {
+                count: 0,
+                good_ips: vec![],
+                bad_ips: vec![],
+                ips_truncated: false
+            }
+        );
+    }
+
+    #[test]
+    fn merging_adds_counts() {
+        let a = Partial {
+            events: 3,
+            ips: vec![(5, 2), (7, 1)],
+            ips_truncated: false,
+        };
+        let b = Partial {
+            events: 2,
+            ips: vec![(7, 1), (6, 1)],
+            ips_truncated: true,
+        };
+        assert_eq!(
+            merge_partials([a, b, Partial::default()]),
+            Partial {
+                events: 5,
+                ips: vec![(5, 2), (6, 1), (7, 2)],
+                ips_truncated: true
+            }
+        );
+    }
+
+    #[test]
+    fn ip_cap_counts_the_event_but_not_the_ip() {
+        let mut table = table(10, 2);
+        let event = |ip| Event { app: app(1), ip };
+        assert_eq!(table.apply(event(1)), Applied::Stored);
+        assert_eq!(table.apply(event(2)), Applied::Stored);
+        assert_eq!(table.apply(event(3)), Applied::IpDropped);
+        assert_eq!(table.apply(event(2)), Applied::Stored);
+        let partial = table.partial(&app(1));
+        assert_eq!(partial.events, 4);
+        assert_eq!(partial.ips, vec![(1, 1), (2, 2)]);
+        assert!(partial.ips_truncated);
+    }
+
+    #[test]
+    fn app_budget_is_shared_and_given_back() {
+        let budget = Arc::new(AppBudget::new(2));
+        let limits = Limits {
+            max_ips_per_app: 10,
+        };
+        let mut first = AppTable::new(limits, budget.clone());
+        let mut second = AppTable::new(limits, budget.clone());
+        assert_eq!(first.apply(Event { app: app(1), ip: 1 }), Applied::Stored);
+        assert_eq!(second.apply(Event { app: app(2), ip: 1 }), Applied::Stored);
+        assert_eq!(
+            first.apply(Event { app: app(3), ip: 1 }),
+            Applied::AppDropped
+        );
+        // Known apps still count when the budget is spent.
+        assert_eq!(first.apply(Event { app: app(1), ip: 2 }), Applied::Stored);
+        assert_eq!(budget.used(), 2);
+        assert!(second.remove(&app(2)));
+        assert!(!second.remove(&app(2)));
+        assert_eq!(first.apply(Event { app: app(3), ip: 1 }), Applied::Stored);
+        first.clear();
+        assert_eq!(budget.used(), 0);
+        assert_eq!(first.partial(&app(1)), Partial::default());
+    }
+
+    #[test]
+    fn grows_from_flat_to_map_without_losing_counts() {
+        let mut table = table(10, 4096);
+        for round in 0..3 {
+            for i in 0..100u32 {
+                table.apply(Event { app: app(1), ip: i });
+                if round == 0 {
+                    assert_eq!(table.pairs(), i as usize + 1);
+                }
+            }
+        }
+        let mut ips = table.partial(&app(1)).ips;
+        ips.sort_unstable();
+        assert_eq!(ips, (0..100u32).map(|i| (i, 3)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn pair_is_twelve_bytes() {
+        assert_eq!(std::mem::size_of::<IpCount>(), 12);
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn events() -> impl Strategy<Value = Vec<(u8, u32, usize)>> {
+            // (app, ip, worker): few apps and IPs clustered in a few blocks, so blocks compete.
+            proptest::collection::vec((0u8..4, 0u32..96, 0usize..4), 0..400)
+        }
+
+        proptest! {
+            #[test]
+            fn any_split_gives_the_same_answer(events in events(), workers in 1usize..5) {
+                let mut one = table(usize::MAX, usize::MAX);
+                let budget = Arc::new(AppBudget::new(usize::MAX));
+                let limits = Limits { max_ips_per_app: usize::MAX };
+                let mut split: Vec<AppTable> =
+                    (0..workers).map(|_| AppTable::new(limits, budget.clone())).collect();
+                for &(a, ip, worker) in &events {
+                    let event = Event { app: app(a), ip: 0x0a00_0000 + ip };
+                    one.apply(event);
+                    split[worker % workers].apply(event);
+                }
+                for a in 0..4 {
+                    let whole = classify(&merge_partials([one.partial(&app(a))]));
+                    let parts = classify(&merge_partials(split.iter().map(|t| t.partial(&app(a)))));
+                    prop_assert_eq!(whole, parts);
+                }
+            }
+
+            #[test]
+            fn good_ips_are_the_hosts_of_one_block(
+                ips in proptest::collection::vec((any::<u32>(), 1u64..5), 1..60)
+            ) {
+                let merged = merge_partials([Partial { events: 1, ips, ips_truncated: false }]);
+                let verdict = classify(&merged);
+                prop_assert_eq!(verdict.good_ips.len(), 14);
+                let network = verdict.good_ips[0] & !0xf;
+                for (host, &good) in (1..=14).zip(&verdict.good_ips) {
+                    prop_assert_eq!(good, network | host);
+                }
+                for (ip, _) in &merged.ips {
+                    prop_assert!(verdict.good_ips.contains(ip) != verdict.bad_ips.contains(ip));
+                }
+                prop_assert!(verdict.bad_ips.windows(2).all(|w| w[0] < w[1]));
+            }
+        }
+    }
+}

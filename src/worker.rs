@@ -1,0 +1,368 @@
+//! One ingest worker: a pinned thread that owns one UDP socket of the SO_REUSEPORT group and
+//! one [`AppTable`], and runs a mio loop over the socket and a [`Waker`].
+//!
+//! The worker is the only thread that touches its table. Everything else reaches it through
+//! the closed [`Command`] enum on its channel, and gets answers on the reply channel that
+//! came with the command. On the per-datagram path there is no allocation, lock or logging:
+//! counters are tallied per batch and published with relaxed atomics.
+
+use std::io;
+use std::net::UdpSocket;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use hdrhistogram::Histogram;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::socket::{self, RecvBatch};
+use crate::store::{AppTable, Applied, Partial};
+use crate::wire::{self, AppKey, Event, Reject};
+
+const UDP: Token = Token(0);
+const WAKER: Token = Token(1);
+
+/// How long a command may spend draining the socket before it is answered. A query counts
+/// everything that was queued when it arrived unless the worker is flooded beyond what it can
+/// take, and then the bound keeps a flood from starving queries and resets.
+pub const DRAIN_LIMIT: Duration = Duration::from_millis(200);
+
+/// A request to a worker. Each carries the sender its answer goes back on.
+pub enum Command {
+    /// This worker's partial answer for one app, after draining the socket.
+    Query { app: AppKey, reply: Sender<Partial> },
+    /// Drain the socket, then forget every app.
+    ResetAll { reply: Sender<()> },
+    /// Drain the socket, then forget one app.
+    ResetApp { app: AppKey, reply: Sender<()> },
+    /// Count one event that arrived over HTTP.
+    Apply {
+        event: Event,
+        reply: Sender<Applied>,
+    },
+    /// Copies of the latency histograms and the table's size.
+    Stats { reply: Sender<WorkerStats> },
+    /// Drain the socket and stop.
+    Shutdown,
+}
+
+/// Counters the worker publishes for `/metrics`, readable from any thread without a lock.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub datagrams_received: AtomicU64,
+    pub events_ingested: AtomicU64,
+    pub invalid: [AtomicU64; Reject::ALL.len()],
+    /// Events dropped whole because the server was at `--max-apps`.
+    pub app_cap_drops: AtomicU64,
+    /// Events counted, but whose IP was not stored because the app was at
+    /// `--max-ips-per-app`.
+    pub ip_cap_drops: AtomicU64,
+    pub recv_errors: AtomicU64,
+}
+
+impl Counters {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Per-batch tallies, kept in registers and published once per batch.
+#[derive(Default)]
+struct Tally {
+    received: u64,
+    ingested: u64,
+    invalid: [u64; Reject::ALL.len()],
+    app_cap_drops: u64,
+    ip_cap_drops: u64,
+}
+
+impl Tally {
+    fn count(&mut self, applied: Applied) {
+        match applied {
+            Applied::Stored => self.ingested += 1,
+            Applied::IpDropped => {
+                self.ingested += 1;
+                self.ip_cap_drops += 1;
+            }
+            Applied::AppDropped => self.app_cap_drops += 1,
+        }
+    }
+
+    fn publish(&self, counters: &Counters) {
+        let add = |counter: &AtomicU64, n: u64| {
+            if n != 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        };
+        add(&counters.datagrams_received, self.received);
+        add(&counters.events_ingested, self.ingested);
+        for (counter, &n) in counters.invalid.iter().zip(&self.invalid) {
+            add(counter, n);
+        }
+        add(&counters.app_cap_drops, self.app_cap_drops);
+        add(&counters.ip_cap_drops, self.ip_cap_drops);
+    }
+}
+
+/// Latency histograms, all in nanoseconds.
+#[derive(Clone, Debug)]
+pub struct Latencies {
+    /// From the kernel's receive timestamp to the event being applied; one sample per batch,
+    /// taken from the batch's first (oldest) datagram.
+    pub ingest_ns: Histogram<u64>,
+    /// Time to receive and apply one batch.
+    pub batch_ns: Histogram<u64>,
+}
+
+impl Latencies {
+    pub fn new() -> Latencies {
+        Latencies {
+            ingest_ns: new_histogram(),
+            batch_ns: new_histogram(),
+        }
+    }
+
+    pub fn add(&mut self, other: &Latencies) {
+        // Both sides have the same bounds, so adding cannot fail.
+        let _ = self.ingest_ns.add(&other.ingest_ns);
+        let _ = self.batch_ns.add(&other.batch_ns);
+    }
+}
+
+impl Default for Latencies {
+    fn default() -> Latencies {
+        Latencies::new()
+    }
+}
+
+/// A histogram of nanoseconds from 1 ns to one minute at three significant digits; values
+/// beyond saturate at the top.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("constant bounds are valid")
+}
+
+/// What a worker reports when asked for stats, and when it stops.
+#[derive(Clone, Debug)]
+pub struct WorkerStats {
+    pub latencies: Latencies,
+    pub apps: usize,
+    pub pairs: usize,
+}
+
+/// The other threads' side of a worker.
+pub struct WorkerHandle {
+    pub id: usize,
+    commands: Sender<Command>,
+    waker: Arc<Waker>,
+    pub counters: Arc<Counters>,
+    /// A duplicate of the worker's socket, used only to read kernel counters.
+    socket: UdpSocket,
+}
+
+impl WorkerHandle {
+    /// Queues a command and wakes the worker. Fails only when the worker has stopped.
+    pub fn send(&self, command: Command) -> io::Result<()> {
+        self.commands
+            .send(command)
+            .map_err(|_| io::Error::other(format!("worker {} has stopped", self.id)))?;
+        self.waker.wake()
+    }
+
+    /// Datagrams the kernel dropped on this worker's socket because its queue was full.
+    pub fn kernel_drops(&self) -> Option<u64> {
+        socket::kernel_drops(&self.socket).ok().flatten()
+    }
+}
+
+/// A worker before it runs: built on the calling thread so that set-up errors surface there.
+pub struct Worker {
+    id: usize,
+    socket: mio::net::UdpSocket,
+    poll: Poll,
+    commands: Receiver<Command>,
+    table: AppTable,
+    batch: RecvBatch,
+    counters: Arc<Counters>,
+    latencies: Latencies,
+    readable: bool,
+    last_error_log: Option<Instant>,
+}
+
+impl Worker {
+    /// Wraps a bound socket; returns the worker and the handle that commands it.
+    pub fn new(
+        id: usize,
+        socket: UdpSocket,
+        table: AppTable,
+        batch_size: usize,
+    ) -> io::Result<(Worker, WorkerHandle)> {
+        let handle_socket = socket.try_clone()?;
+        let mut socket = mio::net::UdpSocket::from_std(socket);
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut socket, UDP, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
+        let counters = Arc::new(Counters::default());
+        let worker = Worker {
+            id,
+            socket,
+            poll,
+            commands: commands_rx,
+            table,
+            batch: RecvBatch::new(batch_size),
+            counters: counters.clone(),
+            latencies: Latencies::new(),
+            readable: true,
+            last_error_log: None,
+        };
+        let handle = WorkerHandle {
+            id,
+            commands: commands_tx,
+            waker,
+            counters,
+            socket: handle_socket,
+        };
+        Ok((worker, handle))
+    }
+
+    /// Runs until a `Shutdown` command, or until every handle is gone; returns the final stats.
+    pub fn run(mut self) -> io::Result<WorkerStats> {
+        let mut events = Events::with_capacity(8);
+        loop {
+            // Commands go first: they are rare, and an HTTP client is blocked on each.
+            loop {
+                match self.commands.try_recv() {
+                    Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
+                        self.drain();
+                        return Ok(self.stats());
+                    }
+                    Ok(command) => self.handle(command),
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+            if self.readable {
+                self.receive_batch();
+                continue;
+            }
+            // The socket is drained and no command is waiting: sleep until either changes.
+            // Readiness is edge-triggered, which is why every receive path reads until
+            // WouldBlock before coming back here.
+            match self.poll.poll(&mut events, None) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            if events.iter().any(|event| event.token() == UDP) {
+                self.readable = true;
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        // A reply can fail only when the HTTP side gave up waiting; there is nobody to tell.
+        match command {
+            Command::Query { app, reply } => {
+                self.drain();
+                let _ = reply.send(self.table.partial(&app));
+            }
+            Command::ResetAll { reply } => {
+                self.drain();
+                self.table.clear();
+                let _ = reply.send(());
+            }
+            Command::ResetApp { app, reply } => {
+                self.drain();
+                self.table.remove(&app);
+                let _ = reply.send(());
+            }
+            Command::Apply { event, reply } => {
+                let applied = self.table.apply(event);
+                let mut tally = Tally::default();
+                tally.count(applied);
+                tally.publish(&self.counters);
+                let _ = reply.send(applied);
+            }
+            Command::Stats { reply } => {
+                let _ = reply.send(self.stats());
+            }
+            Command::Shutdown => unreachable!("handled by the run loop"),
+        }
+    }
+
+    fn stats(&self) -> WorkerStats {
+        WorkerStats {
+            latencies: self.latencies.clone(),
+            apps: self.table.len(),
+            pairs: self.table.pairs(),
+        }
+    }
+
+    /// Receives and applies batches until the socket is empty or [`DRAIN_LIMIT`] has passed.
+    fn drain(&mut self) {
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        self.readable = true;
+        while self.readable && Instant::now() < deadline {
+            self.receive_batch();
+        }
+    }
+
+    /// Receives one batch and applies it; clears `readable` once the socket is empty.
+    fn receive_batch(&mut self) {
+        let started = Instant::now();
+        let received = match self.batch.recv(&self.socket) {
+            Ok(received) => received,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.readable = false;
+                return;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
+            Err(e) => {
+                self.counters.recv_errors.fetch_add(1, Ordering::Relaxed);
+                self.log_recv_error(&e);
+                // Let poll decide when to try again rather than spinning on the error.
+                self.readable = false;
+                return;
+            }
+        };
+        let mut tally = Tally {
+            received: received as u64,
+            ..Tally::default()
+        };
+        for i in 0..received {
+            match wire::parse(self.batch.datagram(i)) {
+                Ok(event) => tally.count(self.table.apply(event)),
+                Err(reason) => tally.invalid[reason.index()] += 1,
+            }
+        }
+        tally.publish(&self.counters);
+        if received > 0 {
+            if let Some(received_at) = self.batch.received_at(0) {
+                let waited = SystemTime::now()
+                    .duration_since(received_at)
+                    .unwrap_or_default();
+                self.latencies.ingest_ns.saturating_record(as_nanos(waited));
+            }
+            self.latencies
+                .batch_ns
+                .saturating_record(as_nanos(started.elapsed()));
+        }
+    }
+
+    /// Logs a receive error at most once a minute: a persistent error must not flood the log.
+    fn log_recv_error(&mut self, error: &io::Error) {
+        let now = Instant::now();
+        if self
+            .last_error_log
+            .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(60))
+        {
+            self.last_error_log = Some(now);
+            eprintln!("worker {}: recvmmsg: {error}", self.id);
+        }
+    }
+}
+
+pub fn as_nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
