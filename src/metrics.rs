@@ -251,10 +251,10 @@ pub fn report(totals: &Totals, latencies: &Latencies, api: &Api) -> String {
 /// A duration in nanoseconds in the unit that keeps it short.
 fn format_ns(ns: u64) -> String {
     match ns {
-        0..=9_999 => format!("{ns}ns"),
-        10_000..=9_999_999 => format!("{:.1}us", ns as f64 / 1e3),
-        10_000_000..=9_999_999_999 => format!("{:.1}ms", ns as f64 / 1e6),
-        _ => format!("{:.1}s", ns as f64 / 1e9),
+        0..=999 => format!("{ns}ns"),
+        1_000..=999_999 => format!("{:.1}us", ns as f64 / 1e3),
+        1_000_000..=999_999_999 => format!("{:.1}ms", ns as f64 / 1e6),
+        _ => format!("{:.2}s", ns as f64 / 1e9),
     }
 }
 
@@ -266,10 +266,11 @@ mod tests {
     fn formats_durations() {
         for (ns, want) in [
             (0, "0ns"),
-            (9_999, "9999ns"),
+            (999, "999ns"),
+            (1_000, "1.0us"),
             (12_345, "12.3us"),
-            (12_345_678, "12.3ms"),
-            (12_345_678_901, "12.3s"),
+            (2_369_535, "2.4ms"),
+            (12_345_678_901, "12.35s"),
         ] {
             assert_eq!(format_ns(ns), want);
         }

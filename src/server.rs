@@ -76,7 +76,7 @@ pub fn start(config: &Config) -> Result<Server, String> {
         .map_err(|e| format!("udp local address: {e}"))?;
     socket::attach_steering(&sockets[0], config.steering, workers).map_err(|e| {
         format!(
-            "attach {:?} steering (SO_ATTACH_REUSEPORT_CBPF): {e}; use --steering hash",
+            "attach {} steering (SO_ATTACH_REUSEPORT_CBPF): {e}; use --steering hash",
             config.steering
         )
     })?;
@@ -262,7 +262,7 @@ pub fn run(config: &Config) -> Result<(), String> {
         );
     }
     eprintln!(
-        "ipevents: listening udp={} http={} workers={} steering={:?} rcvbuf_bytes={} batch={}",
+        "ipevents: listening udp={} http={} workers={} steering={} rcvbuf_bytes={} batch={}",
         server.udp_addr,
         server.http_addr,
         server.workers,

@@ -15,6 +15,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 /// How the kernel spreads datagrams over the sockets of the group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[clap(rename_all = "lower")]
 pub enum Steering {
     /// The kernel's flow hash of the source and destination addresses and ports: one sender
     /// socket always lands on the same worker.
@@ -23,6 +24,16 @@ pub enum Steering {
     Cpu,
     /// A random worker for every datagram.
     Random,
+}
+
+impl std::fmt::Display for Steering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Steering::Hash => "hash",
+            Steering::Cpu => "cpu",
+            Steering::Random => "random",
+        })
+    }
 }
 
 /// What the kernel granted for a requested receive buffer.
@@ -49,6 +60,9 @@ pub fn bind_reuseport_group(
     workers: usize,
     rcvbuf_bytes: usize,
 ) -> io::Result<(Vec<UdpSocket>, Rcvbuf)> {
+    if addr.port() != 0 {
+        refuse_if_in_use(addr)?;
+    }
     let mut sockets = Vec::with_capacity(workers);
     let mut addr = addr;
     let mut rcvbuf = None;
@@ -70,6 +84,13 @@ pub fn bind_reuseport_group(
     }
     let rcvbuf = rcvbuf.ok_or_else(|| io::Error::other("no workers"))?;
     Ok((sockets, rcvbuf))
+}
+
+/// SO_REUSEPORT lets any socket of the same user join a group, so a second server on the
+/// same port would silently take a share of the traffic. A plain bind first finds out.
+fn refuse_if_in_use(addr: SocketAddr) -> io::Result<()> {
+    let probe = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    probe.bind(&addr.into())
 }
 
 fn set_rcvbuf(socket: &Socket, bytes: usize) -> io::Result<Rcvbuf> {
