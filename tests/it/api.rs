@@ -1,0 +1,268 @@
+//! The REST API against the real HTTP server: POST mode, every error status, and a 503 when
+//! a worker does not answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::support::{Response, Server};
+
+const SHA: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+#[test]
+fn posted_events_are_counted_before_the_answer() {
+    let server = Server::start(&["--workers", "2"]);
+    let octet = [("Content-Type", "application/octet-stream")];
+    for i in 0..40u32 {
+        let ip = 0x0a00_0000 + (i % 16);
+        let response = server.request(
+            "POST",
+            "/events",
+            &octet,
+            &ipevents::wire::encode(SHA, ip.into()),
+        );
+        assert_eq!(response.status, 204, "{}", response.text());
+    }
+    // Upper-case digits name the same app.
+    let answer = server.answer(&SHA.to_uppercase());
+    assert_eq!(answer["count"], 40);
+    assert_eq!(
+        answer["bad_ips"],
+        serde_json::json!(["10.0.0.0", "10.0.0.15"])
+    );
+    assert_eq!(server.metric("ipevents_events_ingested_total"), 40);
+}
+
+#[track_caller]
+fn check(response: Response, status: u16, error_contains: &str) {
+    assert_eq!(response.status, status, "body {}", response.text());
+    if status >= 400 {
+        assert_eq!(response.header("Content-Type"), Some("application/json"));
+        let body: serde_json::Value =
+            serde_json::from_slice(&response.body).expect("JSON error body");
+        let error = body["error"].as_str().expect("an error field");
+        assert!(
+            error.contains(error_contains),
+            "error {error:?} lacks {error_contains:?}"
+        );
+    }
+}
+
+/// (method, path, headers, body, expected status, text the error must contain).
+type Case<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, Vec<u8>, u16, &'a str);
+
+#[test]
+fn every_error_status() {
+    let server = Server::start(&["--workers", "1"]);
+    let app = format!("/events/{SHA}");
+    let octet = ("Content-Type", "application/octet-stream");
+    let valid = ipevents::wire::encode(SHA, 1);
+    let cases: Vec<Case> = vec![
+        ("GET", "/healthz".into(), vec![], vec![], 200, ""),
+        (
+            "GET",
+            app.clone(),
+            vec![("Accept", "application/json")],
+            vec![],
+            200,
+            "",
+        ),
+        (
+            "GET",
+            format!("{app}?pretty=1"),
+            vec![("Accept", "*/*")],
+            vec![],
+            200,
+            "",
+        ),
+        (
+            "GET",
+            "/events/abc".into(),
+            vec![],
+            vec![],
+            400,
+            "64 hex digits",
+        ),
+        (
+            "GET",
+            format!("/events/{}", "g".repeat(64)),
+            vec![],
+            vec![],
+            400,
+            "64 hex digits",
+        ),
+        (
+            "DELETE",
+            format!("/events/{SHA}0"),
+            vec![],
+            vec![],
+            400,
+            "64 hex digits",
+        ),
+        ("GET", "/".into(), vec![], vec![], 404, "no route"),
+        (
+            "GET",
+            "/events/x/y".into(),
+            vec![],
+            vec![],
+            400,
+            "64 hex digits",
+        ),
+        ("GET", "/nope".into(), vec![], vec![], 404, "no route"),
+        ("PUT", app.clone(), vec![], vec![], 405, "not allowed"),
+        ("GET", "/events".into(), vec![], vec![], 405, "not allowed"),
+        (
+            "POST",
+            "/healthz".into(),
+            vec![octet],
+            valid.clone(),
+            405,
+            "not allowed",
+        ),
+        (
+            "DELETE",
+            "/metrics".into(),
+            vec![],
+            vec![],
+            405,
+            "not allowed",
+        ),
+        (
+            "GET",
+            app.clone(),
+            vec![("Accept", "text/html")],
+            vec![],
+            406,
+            "application/json",
+        ),
+        (
+            "GET",
+            app.clone(),
+            vec![("Accept", "application/json;q=0")],
+            vec![],
+            406,
+            "application/json",
+        ),
+        (
+            "POST",
+            "/events".into(),
+            vec![("Content-Type", "text/plain")],
+            valid.clone(),
+            415,
+            "octet-stream",
+        ),
+        (
+            "POST",
+            "/events".into(),
+            vec![],
+            valid.clone(),
+            415,
+            "octet-stream",
+        ),
+        (
+            "POST",
+            "/events".into(),
+            vec![octet],
+            vec![0x0a; 5000],
+            413,
+            "4096",
+        ),
+        (
+            "POST",
+            "/events".into(),
+            vec![octet],
+            vec![0xff, 0xff],
+            400,
+            "malformed",
+        ),
+        (
+            "POST",
+            "/events".into(),
+            vec![octet],
+            ipevents::wire::encode("abc", 1),
+            400,
+            "bad_sha",
+        ),
+        (
+            "POST",
+            "/events".into(),
+            vec![octet],
+            ipevents::wire::encode(SHA, -1),
+            400,
+            "ip_out_of_range",
+        ),
+        ("POST", "/events".into(), vec![octet], vec![], 400, "empty"),
+    ];
+    for (method, path, headers, body, status, error) in cases {
+        let response = server.request(method, &path, &headers, &body);
+        assert_eq!(
+            response.status,
+            status,
+            "{method} {path} {headers:?}: {}",
+            response.text()
+        );
+        check(response, status, error);
+    }
+    let allow = |method: &str, path: &str| {
+        server
+            .request(method, path, &[], b"")
+            .header("Allow")
+            .map(str::to_owned)
+    };
+    assert_eq!(allow("PUT", &app).as_deref(), Some("GET, DELETE"));
+    assert_eq!(allow("GET", "/events").as_deref(), Some("POST, DELETE"));
+    assert_eq!(allow("PATCH", "/healthz").as_deref(), Some("GET"));
+    assert_eq!(server.get("/healthz").text(), "ok");
+    // Every request above was counted by route and status.
+    let metrics = server.get("/metrics").text();
+    assert!(
+        metrics.contains("ipevents_http_requests_total{route=\"/events\",code=\"415\"} 2"),
+        "{metrics}"
+    );
+}
+
+/// A worker that never answers makes a request fail with 503 within the reply timeout, and
+/// never hang. The worker is built but not run, so it cannot answer.
+#[test]
+fn a_silent_worker_gives_503_not_a_hang() {
+    use ipevents::store::{AppBudget, AppTable, Limits};
+    let (sockets, _) =
+        ipevents::socket::bind_reuseport_group("127.0.0.1:0".parse().unwrap(), 1, 1 << 20).unwrap();
+    let budget = Arc::new(AppBudget::new(10));
+    let table = AppTable::new(
+        Limits {
+            max_ips_per_app: 10,
+        },
+        budget.clone(),
+    );
+    let (_silent_worker, handle) =
+        ipevents::worker::Worker::new(0, sockets.into_iter().next().unwrap(), table, 8).unwrap();
+    let cluster = ipevents::cluster::Cluster::new(vec![handle], budget, Duration::from_millis(50));
+    let mut api = ipevents::http::Api::new(cluster);
+    for (method, url, body) in [
+        ("GET", format!("/events/{SHA}"), vec![]),
+        ("DELETE", "/events".to_owned(), vec![]),
+        ("POST", "/events".to_owned(), ipevents::wire::encode(SHA, 1)),
+    ] {
+        let request = ipevents::http::ApiRequest {
+            method: method.into(),
+            url,
+            content_type: Some("application/octet-stream".into()),
+            body,
+            ..Default::default()
+        };
+        let response = api.respond(&request);
+        assert_eq!(response.status, 503, "{method}");
+        let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("did not answer"),
+            "{body}"
+        );
+    }
+    // The counters need no worker, so /metrics still answers.
+    let metrics = api.respond(&ipevents::http::ApiRequest {
+        method: "GET".into(),
+        url: "/metrics".into(),
+        ..Default::default()
+    });
+    assert_eq!(metrics.status, 200);
+}

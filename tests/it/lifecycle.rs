@@ -1,0 +1,132 @@
+//! Starting and stopping: graceful shutdown with the latency report, and operator mistakes
+//! that must end in one clear line and a non-zero exit.
+
+use std::net::{TcpListener, UdpSocket};
+
+use crate::support::{run_to_exit, send_events, Reference, Server};
+
+#[test]
+fn graceful_shutdown_drains_and_prints_the_histograms() {
+    let server = Server::start(&["--workers", "2"]);
+    let reference = Reference::new(3);
+    send_events(server.udp, &reference.events, 2_000, 2, 3);
+    server.answer(&reference.apps[0]);
+    server.reset();
+    let exit = server.stop();
+    assert!(
+        exit.status.success(),
+        "exit {:?}: {}",
+        exit.status,
+        exit.stderr
+    );
+    assert!(
+        exit.stdout
+            .contains("totals: received 2000, ingested 2000, kernel drops 0"),
+        "{}",
+        exit.stdout
+    );
+    assert!(exit.stdout.contains("invalid: empty 0"), "{}", exit.stdout);
+    let header = exit
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("latency"))
+        .expect("a table header");
+    for column in ["p50", "p90", "p99", "p99.9", "max", "count"] {
+        assert!(
+            header.split_whitespace().any(|c| c == column),
+            "no {column} in {header}"
+        );
+    }
+    for row in ["ingest", "batch", "query", "reset"] {
+        let line = exit
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_else(|| panic!("no {row} row"));
+        let count: u64 = line.split_whitespace().last().unwrap().parse().unwrap();
+        assert!(count >= 1, "{row} histogram is empty: {line}");
+    }
+}
+
+#[test]
+fn operator_mistakes_get_one_line_and_a_failing_exit() {
+    let udp_taken = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let http_taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let udp = udp_taken.local_addr().unwrap().to_string();
+    let http = http_taken.local_addr().unwrap().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--udp", &udp, "--http", "127.0.0.1:0", "--no-pin"],
+            "bind udp",
+        ),
+        (
+            vec!["--udp", "127.0.0.1:0", "--http", &http, "--no-pin"],
+            "bind http",
+        ),
+        (
+            vec!["--udp", "192.0.2.1:0", "--http", "127.0.0.1:0", "--no-pin"],
+            "bind udp 192.0.2.1:0",
+        ),
+        (
+            vec![
+                "--workers",
+                "1000",
+                "--udp",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+            ],
+            "--no-pin",
+        ),
+        (vec!["--workers", "x"], "invalid value"),
+        (vec!["--bogus"], "unexpected argument"),
+        (vec!["--steering", "round-robin"], "invalid value"),
+    ];
+    for (args, message) in cases {
+        let exit = run_to_exit(&args);
+        assert!(!exit.status.success(), "{args:?} should fail");
+        assert!(exit.stderr.contains(message), "{args:?}: {}", exit.stderr);
+        assert!(
+            !exit.stderr.contains("panicked"),
+            "{args:?}: {}",
+            exit.stderr
+        );
+    }
+    // A second server on a port the first one holds is refused, not let into its group.
+    let first = Server::start(&[]);
+    let exit = run_to_exit(&[
+        "--udp",
+        &first.udp.to_string(),
+        "--http",
+        "127.0.0.1:0",
+        "--no-pin",
+    ]);
+    assert!(!exit.status.success());
+    assert!(
+        exit.stderr
+            .to_lowercase()
+            .contains("address already in use"),
+        "{}",
+        exit.stderr
+    );
+    assert_eq!(exit.stderr.lines().count(), 1, "{}", exit.stderr);
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let exit = run_to_exit(&["--help"]);
+    assert!(exit.status.success());
+    for flag in [
+        "--udp",
+        "--http",
+        "--workers",
+        "--steering",
+        "--no-pin",
+        "--rcvbuf",
+        "--batch",
+        "--max-apps",
+        "--max-ips-per-app",
+    ] {
+        assert!(exit.stdout.contains(flag), "--help lacks {flag}");
+    }
+}

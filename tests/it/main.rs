@@ -1,0 +1,7 @@
+//! Integration tests: the real server binary on loopback, real UDP datagrams, real HTTP.
+//! One test binary, so that it links once.
+
+mod api;
+mod ingest;
+mod lifecycle;
+mod support;
