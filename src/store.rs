@@ -231,6 +231,44 @@ impl AppTable {
         self.apps.is_empty()
     }
 
+    /// Checks what must hold after any sequence of events: an app's IPs are distinct and
+    /// within the cap, their counts add up to the app's count unless IPs were dropped, and
+    /// the shared budget covers every entry. For tests and fuzzing.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        if self.budget.used() < self.apps.len() {
+            return Err(format!(
+                "budget {} < {} apps",
+                self.budget.used(),
+                self.apps.len()
+            ));
+        }
+        for (app, state) in &self.apps {
+            let mut ips = state.ips.to_vec();
+            let stored = ips.len();
+            if stored == 0 || stored > self.limits.max_ips_per_app {
+                return Err(format!("{app:?} stores {stored} ips"));
+            }
+            ips.sort_unstable();
+            ips.dedup_by_key(|(ip, _)| *ip);
+            if ips.len() != stored {
+                return Err(format!("{app:?} stores an ip twice"));
+            }
+            let ip_events: u64 = ips.iter().map(|&(_, events)| events).sum();
+            let consistent = if state.ips_truncated {
+                ip_events < state.events
+            } else {
+                ip_events == state.events
+            };
+            if !consistent {
+                return Err(format!(
+                    "{app:?} has {} events but its ips {ip_events} (truncated: {})",
+                    state.events, state.ips_truncated
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Distinct (app, ip) pairs held by this table.
     pub fn pairs(&self) -> usize {
         self.apps.values().map(|state| state.ips.len()).sum()
@@ -463,6 +501,7 @@ mod tests {
         assert_eq!(table.apply(event(2)), Applied::Stored);
         assert_eq!(table.apply(event(3)), Applied::IpDropped);
         assert_eq!(table.apply(event(2)), Applied::Stored);
+        assert_eq!(table.check_invariants(), Ok(()));
         let partial = table.partial(&app(1));
         assert_eq!(partial.events, 4);
         assert_eq!(partial.ips, vec![(1, 1), (2, 2)]);
@@ -537,6 +576,7 @@ mod tests {
                     one.apply(event);
                     split[worker % workers].apply(event);
                 }
+                prop_assert_eq!(one.check_invariants(), Ok(()));
                 for a in 0..4 {
                     let whole = classify(&merge_partials([one.partial(&app(a))]));
                     let parts = classify(&merge_partials(split.iter().map(|t| t.partial(&app(a)))));
