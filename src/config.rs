@@ -55,6 +55,16 @@ pub struct Config {
     #[arg(long, default_value_t = 4096, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_ips_per_app: u64,
 
+    /// Require `Authorization: Bearer TOKEN` on DELETE and POST (GET stays open). Prefer the
+    /// environment variable, which does not show in the process list.
+    #[arg(
+        long,
+        env = "IPEVENTS_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+
     /// How long an HTTP request waits for the workers before answering 503, in milliseconds.
     #[arg(long, default_value_t = 2000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub reply_timeout_ms: u64,

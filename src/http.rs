@@ -84,6 +84,8 @@ pub struct ApiResponse {
     pub status: u16,
     pub content_type: Option<&'static str>,
     pub allow: Option<&'static str>,
+    /// A 401 names the scheme it wants in `WWW-Authenticate`.
+    pub www_authenticate: bool,
     pub body: Vec<u8>,
 }
 
@@ -93,6 +95,7 @@ impl ApiResponse {
             status,
             content_type: Some("application/json"),
             allow: None,
+            www_authenticate: false,
             body: serde_json::to_vec(value).expect("API bodies serialize"),
         }
     }
@@ -115,6 +118,7 @@ impl ApiResponse {
             status,
             content_type: Some(content_type),
             allow: None,
+            www_authenticate: false,
             body: body.into(),
         }
     }
@@ -124,6 +128,7 @@ impl ApiResponse {
             status: 204,
             content_type: None,
             allow: None,
+            www_authenticate: false,
             body: Vec::new(),
         }
     }
@@ -159,6 +164,8 @@ impl From<&Verdict> for AppAnswer {
 /// this thread writes.
 pub struct Api {
     cluster: Cluster,
+    /// When set, DELETE and POST need `Authorization: Bearer <token>`.
+    admin_token: Option<Vec<u8>>,
     pub requests: BTreeMap<(Route, u16), u64>,
     /// `GET /events/{app_sha256}` latency, nanoseconds.
     pub query_ns: Histogram<u64>,
@@ -170,10 +177,17 @@ impl Api {
     pub fn new(cluster: Cluster) -> Api {
         Api {
             cluster,
+            admin_token: None,
             requests: BTreeMap::new(),
             query_ns: new_histogram(),
             reset_ns: new_histogram(),
         }
+    }
+
+    /// Requires `Authorization: Bearer <token>` on the requests that change data.
+    pub fn with_admin_token(mut self, token: Option<&str>) -> Api {
+        self.admin_token = token.map(|t| t.as_bytes().to_vec());
+        self
     }
 
     pub fn cluster(&self) -> &Cluster {
@@ -200,6 +214,18 @@ impl Api {
 
     fn route(&mut self, route: Route, path: &str, request: &ApiRequest) -> ApiResponse {
         let method = request.method.as_str();
+        let changes_data = matches!(
+            (route, method),
+            (Route::App | Route::Events, "DELETE" | "POST")
+        );
+        if changes_data && !self.authorized(request.authorization.as_deref()) {
+            let mut response = ApiResponse::error(
+                401,
+                "DELETE and POST need Authorization: Bearer <admin token>",
+            );
+            response.www_authenticate = true;
+            return response;
+        }
         match (route, method) {
             (Route::Unknown, _) => ApiResponse::error(404, format!("no route for {path}")),
             (Route::Healthz, "GET") => ApiResponse::text(200, "text/plain", "ok"),
@@ -240,6 +266,19 @@ impl Api {
                 response
             }
         }
+    }
+
+    /// Whether the request may change data. The token is compared in constant time, so the
+    /// time to refuse says nothing about how much of a guess was right.
+    fn authorized(&self, authorization: Option<&str>) -> bool {
+        use subtle::ConstantTimeEq;
+        let Some(token) = &self.admin_token else {
+            return true;
+        };
+        let Some(presented) = authorization.and_then(|value| value.strip_prefix("Bearer ")) else {
+            return false;
+        };
+        bool::from(presented.trim().as_bytes().ct_eq(token))
     }
 
     fn post_event(&mut self, request: &ApiRequest) -> ApiResponse {
@@ -370,6 +409,9 @@ fn to_tiny_http(response: ApiResponse) -> tiny_http::Response<std::io::Cursor<Ve
     }
     if let Some(allow) = response.allow {
         out.add_header(header("Allow", allow));
+    }
+    if response.www_authenticate {
+        out.add_header(header("WWW-Authenticate", "Bearer"));
     }
     out
 }

@@ -122,7 +122,8 @@ pub fn start(config: &Config) -> Result<Server, String> {
         worker_threads.push(Some(thread));
     }
 
-    let api = Api::new(Cluster::new(handles, budget, config.reply_timeout()));
+    let api = Api::new(Cluster::new(handles, budget, config.reply_timeout()))
+        .with_admin_token(config.admin_token.as_deref());
     let http_server = Arc::new(http_server);
     let stopping = Arc::new(AtomicBool::new(false));
     let notice = ExitNotice {

@@ -48,7 +48,14 @@ fn check(response: Response, status: u16, error_contains: &str) {
 }
 
 /// (method, path, headers, body, expected status, text the error must contain).
-type Case<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, Vec<u8>, u16, &'a str);
+type Case<'a> = (
+    &'a str,
+    String,
+    Vec<(&'a str, &'a str)>,
+    Vec<u8>,
+    u16,
+    &'a str,
+);
 
 #[test]
 fn every_error_status() {
@@ -265,4 +272,47 @@ fn a_silent_worker_gives_503_not_a_hang() {
         ..Default::default()
     });
     assert_eq!(metrics.status, 200);
+}
+
+#[test]
+fn admin_token_guards_changes_but_not_reads() {
+    let server = Server::start_with_env(
+        &["--workers", "1"],
+        &[("IPEVENTS_ADMIN_TOKEN", "s3cret-token")],
+    );
+    let octet = ("Content-Type", "application/octet-stream");
+    let event = ipevents::wire::encode(SHA, 1);
+    let app = format!("/events/{SHA}");
+    let cases: Vec<(&str, &str, Option<&str>, u16)> = vec![
+        ("POST", "/events", None, 401),
+        ("POST", "/events", Some("Bearer wrong"), 401),
+        ("POST", "/events", Some("Bearer s3cret-toke"), 401),
+        ("POST", "/events", Some("Basic s3cret-token"), 401),
+        ("POST", "/events", Some("Bearer s3cret-token"), 204),
+        ("GET", &app, None, 200),
+        ("GET", "/metrics", None, 200),
+        ("DELETE", &app, None, 401),
+        ("DELETE", "/events", Some("Bearer nope"), 401),
+    ];
+    for (method, path, authorization, status) in cases {
+        let mut headers = vec![octet];
+        if let Some(value) = authorization {
+            headers.push(("Authorization", value));
+        }
+        let body: &[u8] = if method == "POST" { &event } else { b"" };
+        let response = server.request(method, path, &headers, body);
+        assert_eq!(response.status, status, "{method} {path} {authorization:?}");
+        if status == 401 {
+            assert_eq!(response.header("WWW-Authenticate"), Some("Bearer"));
+            check(response, 401, "Bearer");
+        }
+    }
+    // Nothing a refused request asked for happened.
+    assert_eq!(server.answer(SHA)["count"], 1);
+    let authorized = [("Authorization", "Bearer s3cret-token")];
+    assert_eq!(
+        server.request("DELETE", "/events", &authorized, b"").status,
+        204
+    );
+    assert_eq!(server.answer(SHA)["count"], 0);
 }

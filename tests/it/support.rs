@@ -36,9 +36,15 @@ impl Server {
     /// Starts the server with `args` on top of loopback ephemeral ports and no pinning, and
     /// waits for its "listening" line.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_with_env(args, &[])
+    }
+
+    /// Like [`Server::start`], with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ipevents"))
             .args(["--udp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--no-pin"])
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
