@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
-use crate::store::{self, AppBudget, Applied, Verdict};
+use crate::store::{self, AppBudget, AppRecord, Applied, Verdict};
 use crate::wire::{AppKey, Event};
 use crate::worker::{Command, WorkerHandle, WorkerStats};
 
@@ -26,7 +26,8 @@ impl fmt::Display for Unavailable {
     }
 }
 
-/// All the workers, as the HTTP thread sees them.
+/// All the workers, as one thread sees them (the HTTP thread and the snapshot thread each have
+/// their own).
 pub struct Cluster {
     workers: Vec<WorkerHandle>,
     budget: Arc<AppBudget>,
@@ -89,6 +90,11 @@ impl Cluster {
     /// Every worker's latency histograms and table size.
     pub fn stats(&self) -> Result<Vec<WorkerStats>, Unavailable> {
         self.ask_all(|reply| Command::Stats { reply })
+    }
+
+    /// A copy of every worker's apps, for the state file.
+    pub fn snapshot(&self) -> Result<Vec<Vec<AppRecord>>, Unavailable> {
+        self.ask_all(|reply| Command::Snapshot { reply })
     }
 
     /// Sends one command to every worker, then collects one reply from each, in worker order,

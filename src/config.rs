@@ -65,6 +65,20 @@ pub struct Config {
     )]
     pub admin_token: Option<String>,
 
+    /// State file: restored on start, written on SIGTERM/SIGINT and every
+    /// --snapshot-interval, so a restart keeps the counts.
+    #[arg(long, value_name = "PATH")]
+    pub state: Option<std::path::PathBuf>,
+
+    /// Seconds between snapshots to --state while running; a crash loses at most this much.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_interval: u64,
+
+    /// When the state file is corrupt, truncated or of another version, move it aside
+    /// (PATH.bad-<time>) and start empty instead of refusing to start.
+    #[arg(long)]
+    pub discard_bad_state: bool,
+
     /// How long an HTTP request waits for the workers before answering 503, in milliseconds.
     #[arg(long, default_value_t = 2000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub reply_timeout_ms: u64,
@@ -73,5 +87,9 @@ pub struct Config {
 impl Config {
     pub fn reply_timeout(&self) -> Duration {
         Duration::from_millis(self.reply_timeout_ms)
+    }
+
+    pub fn snapshot_interval(&self) -> Duration {
+        Duration::from_secs(self.snapshot_interval)
     }
 }

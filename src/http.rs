@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::sync::Arc;
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
@@ -14,6 +15,7 @@ use serde::Serialize;
 
 use crate::cluster::{Cluster, Unavailable};
 use crate::metrics;
+use crate::snapshot::SnapshotCounters;
 use crate::store::{Applied, Verdict};
 use crate::wire::{self, AppKey};
 use crate::worker::{as_nanos, new_histogram};
@@ -166,6 +168,8 @@ pub struct Api {
     cluster: Cluster,
     /// When set, DELETE and POST need `Authorization: Bearer <token>`.
     admin_token: Option<Vec<u8>>,
+    /// The snapshot thread's counters, when there is a state file.
+    pub snapshots: Option<Arc<SnapshotCounters>>,
     pub requests: BTreeMap<(Route, u16), u64>,
     /// `GET /events/{app_sha256}` latency, nanoseconds.
     pub query_ns: Histogram<u64>,
@@ -178,6 +182,7 @@ impl Api {
         Api {
             cluster,
             admin_token: None,
+            snapshots: None,
             requests: BTreeMap::new(),
             query_ns: new_histogram(),
             reset_ns: new_histogram(),
@@ -187,6 +192,12 @@ impl Api {
     /// Requires `Authorization: Bearer <token>` on the requests that change data.
     pub fn with_admin_token(mut self, token: Option<&str>) -> Api {
         self.admin_token = token.map(|t| t.as_bytes().to_vec());
+        self
+    }
+
+    /// Reports the snapshot thread's counters in `/metrics`.
+    pub fn with_snapshots(mut self, counters: Option<Arc<SnapshotCounters>>) -> Api {
+        self.snapshots = counters;
         self
     }
 

@@ -12,6 +12,7 @@
 //! - [`cluster`]: fan-out of commands to the workers, with a bounded wait.
 //! - [`http`]: the REST API.
 //! - [`metrics`]: `/metrics` text and the shutdown report.
+//! - [`snapshot`]: the state file that carries the counts across restarts.
 //! - [`config`] and [`server`]: the command line and the lifecycle.
 #![deny(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod server;
+pub mod snapshot;
 pub mod socket;
 pub mod store;
 pub mod wire;

@@ -3,11 +3,13 @@
 //! handed over by the workers; it never asks a worker to stop for it.
 
 use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use hdrhistogram::Histogram;
 
 use crate::cluster::Cluster;
 use crate::http::Api;
+use crate::snapshot::SnapshotCounters;
 use crate::wire::Reject;
 use crate::worker::{Counters, Latencies, WorkerStats};
 
@@ -133,6 +135,9 @@ pub fn render(api: &Api) -> String {
     family(&mut out, "workers", "gauge", "Ingest workers.");
     let _ = writeln!(out, "{NAMESPACE}_workers {}", workers.len());
 
+    if let Some(snapshots) = &api.snapshots {
+        snapshot_metrics(&mut out, snapshots);
+    }
     family(
         &mut out,
         "http_requests_total",
@@ -177,6 +182,47 @@ pub fn render(api: &Api) -> String {
         &api.reset_ns,
     );
     out
+}
+
+fn snapshot_metrics(out: &mut String, snapshots: &SnapshotCounters) {
+    let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+    family(
+        out,
+        "snapshots_total",
+        "counter",
+        "State file snapshots written while running.",
+    );
+    let _ = writeln!(out, "{NAMESPACE}_snapshots_total {}", get(&snapshots.taken));
+    family(
+        out,
+        "snapshot_failures_total",
+        "counter",
+        "State file snapshots that failed.",
+    );
+    let _ = writeln!(
+        out,
+        "{NAMESPACE}_snapshot_failures_total {}",
+        get(&snapshots.failed)
+    );
+    family(
+        out,
+        "snapshot_last_apps",
+        "gauge",
+        "Apps in the last snapshot.",
+    );
+    let _ = writeln!(
+        out,
+        "{NAMESPACE}_snapshot_last_apps {}",
+        get(&snapshots.last_apps)
+    );
+    family(
+        out,
+        "snapshot_last_seconds",
+        "gauge",
+        "Time the last snapshot took: copy, merge and write.",
+    );
+    let seconds = get(&snapshots.last_duration_ns) as f64 / 1e9;
+    let _ = writeln!(out, "{NAMESPACE}_snapshot_last_seconds {seconds:.6}");
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {

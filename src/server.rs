@@ -11,13 +11,17 @@ use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::http::{self, Api};
 use crate::metrics::{self, Totals};
+use crate::snapshot::{self, BadState, SnapshotCounters};
 use crate::socket::{self, Rcvbuf};
-use crate::store::{AppBudget, AppTable, Limits};
-use crate::worker::{Command, Worker, WorkerStats};
+use crate::store::{AppBudget, AppRecord, AppTable, Limits};
+use crate::worker::{Command, Worker, WorkerExit, WorkerStats};
 
 /// Something the main thread must act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +52,12 @@ pub struct Server {
     pub http_addr: SocketAddr,
     pub rcvbuf: Rcvbuf,
     pub workers: usize,
-    worker_threads: Vec<Option<JoinHandle<io::Result<WorkerStats>>>>,
+    /// Apps restored from the state file, and apps left out because of --max-apps.
+    pub restored_apps: usize,
+    pub unrestored_apps: usize,
+    worker_threads: Vec<Option<JoinHandle<io::Result<WorkerExit>>>>,
+    snapshotter: Option<Snapshotter>,
+    state: Option<PathBuf>,
     http_server: Arc<tiny_http::Server>,
     http_thread: Option<JoinHandle<Api>>,
     stopping: Arc<AtomicBool>,
@@ -68,6 +77,8 @@ pub fn start(config: &Config) -> Result<Server, String> {
             cores.len()
         ));
     }
+
+    let records = load_state(config)?;
 
     let (sockets, rcvbuf) = socket::bind_reuseport_group(config.udp, workers, config.rcvbuf)
         .map_err(|e| format!("bind udp {}: {e}", config.udp))?;
@@ -95,10 +106,19 @@ pub fn start(config: &Config) -> Result<Server, String> {
         max_ips_per_app: usize::try_from(config.max_ips_per_app).unwrap_or(usize::MAX),
     };
     let (lifecycle_tx, lifecycle) = crossbeam_channel::unbounded();
+    let mut tables: Vec<AppTable> = (0..workers)
+        .map(|_| AppTable::new(limits, budget.clone()))
+        .collect();
+    let restored_apps = records
+        .iter()
+        .enumerate()
+        .filter(|(i, record)| tables[i % workers].restore(record))
+        .count();
+    let unrestored_apps = records.len() - restored_apps;
+    drop(records);
     let mut handles = Vec::with_capacity(workers);
     let mut worker_threads = Vec::with_capacity(workers);
-    for (id, udp) in sockets.into_iter().enumerate() {
-        let table = AppTable::new(limits, budget.clone());
+    for ((id, udp), table) in sockets.into_iter().enumerate().zip(tables) {
         let (worker, handle) = Worker::new(id, udp, table, usize::from(config.batch))
             .map_err(|e| format!("set up worker {id}: {e}"))?;
         handles.push(handle);
@@ -122,8 +142,19 @@ pub fn start(config: &Config) -> Result<Server, String> {
         worker_threads.push(Some(thread));
     }
 
+    let snapshot_counters = Arc::new(SnapshotCounters::default());
+    let snapshotter = match &config.state {
+        Some(path) => Some(Snapshotter::spawn(
+            Cluster::new(handles.clone(), budget.clone(), config.reply_timeout()),
+            path.clone(),
+            config.snapshot_interval(),
+            snapshot_counters.clone(),
+        )?),
+        None => None,
+    };
     let api = Api::new(Cluster::new(handles, budget, config.reply_timeout()))
-        .with_admin_token(config.admin_token.as_deref());
+        .with_admin_token(config.admin_token.as_deref())
+        .with_snapshots(config.state.is_some().then_some(snapshot_counters));
     let http_server = Arc::new(http_server);
     let stopping = Arc::new(AtomicBool::new(false));
     let notice = ExitNotice {
@@ -147,7 +178,11 @@ pub fn start(config: &Config) -> Result<Server, String> {
         http_addr,
         rcvbuf,
         workers,
+        restored_apps,
+        unrestored_apps,
         worker_threads,
+        snapshotter,
+        state: config.state.clone(),
         http_server,
         http_thread: Some(http_thread),
         stopping,
@@ -195,13 +230,27 @@ impl Server {
             .expect("the http thread is joined once")
             .join()
             .map_err(|payload| format!("http thread failed: {}", panic_message(&*payload)))?;
+        if let Some(snapshotter) = self.snapshotter.take() {
+            snapshotter.stop();
+        }
         for worker in api.cluster().workers() {
             let _ = worker.send(Command::Shutdown);
         }
-        let mut stats = Vec::with_capacity(self.worker_threads.len());
+        let mut exits = Vec::with_capacity(self.worker_threads.len());
         for id in 0..self.worker_threads.len() {
-            stats.push(self.join_worker(id)?);
+            exits.push(self.join_worker(id)?);
         }
+        if let Some(path) = &self.state {
+            let records = snapshot::merge_records(exits.iter().map(|exit| exit.table.records()));
+            snapshot::write(path, &records)
+                .map_err(|e| format!("write state file {}: {e}", path.display()))?;
+            eprintln!(
+                "ipevents: wrote {} apps to {}",
+                records.len(),
+                path.display()
+            );
+        }
+        let stats: Vec<WorkerStats> = exits.into_iter().map(|exit| exit.stats).collect();
         let totals = Totals::of(api.cluster());
         Ok(metrics::report(
             &totals,
@@ -225,15 +274,121 @@ impl Server {
         }
     }
 
-    fn join_worker(&mut self, id: usize) -> Result<WorkerStats, String> {
+    fn join_worker(&mut self, id: usize) -> Result<WorkerExit, String> {
         let thread = self.worker_threads[id]
             .take()
             .ok_or_else(|| format!("worker {id} was already joined"))?;
         match thread.join() {
-            Ok(Ok(stats)) => Ok(stats),
+            Ok(Ok(exit)) => Ok(exit),
             Ok(Err(e)) => Err(format!("worker {id} failed: {e}")),
             Err(payload) => Err(format!("worker {id} failed: {}", panic_message(&*payload))),
         }
+    }
+}
+
+/// Reads the state file named by --state, if any. A bad file stops the start unless
+/// --discard-bad-state says to move it aside.
+fn load_state(config: &Config) -> Result<Vec<AppRecord>, String> {
+    let Some(path) = &config.state else {
+        return Ok(Vec::new());
+    };
+    check_writable(path)
+        .map_err(|e| format!("state file {}: cannot write beside it: {e}", path.display()))?;
+    match snapshot::read(path) {
+        Ok(Some(records)) => Ok(records),
+        Ok(None) => {
+            eprintln!(
+                "ipevents: no state file at {} yet; starting empty",
+                path.display()
+            );
+            Ok(Vec::new())
+        }
+        Err(BadState::Unreadable(e)) => Err(format!(
+            "state file {}: cannot read it: {e}; check its permissions",
+            path.display()
+        )),
+        Err(bad) if config.discard_bad_state => {
+            let aside = snapshot::set_aside(path).map_err(|e| {
+                format!(
+                    "state file {}: {bad}, and moving it aside failed: {e}",
+                    path.display()
+                )
+            })?;
+            eprintln!(
+                "warning: state file {}: {bad}; moved it to {} and starting empty",
+                path.display(),
+                aside.display()
+            );
+            Ok(Vec::new())
+        }
+        Err(bad) => Err(format!(
+            "state file {}: {bad}; repair or move it, or start with --discard-bad-state to set it \
+             aside and start empty",
+            path.display()
+        )),
+    }
+}
+
+/// Finds out at start, not at the first snapshot, whether the state file's directory takes
+/// files.
+fn check_writable(path: &Path) -> io::Result<()> {
+    let mut probe_name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    probe_name.push(".probe");
+    let probe = path.with_file_name(probe_name);
+    std::fs::File::create(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
+/// The thread that writes the state file every --snapshot-interval. The workers only copy
+/// their tables; merging and writing happen here, off the data path.
+struct Snapshotter {
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Snapshotter {
+    fn spawn(
+        cluster: Cluster,
+        path: PathBuf,
+        interval: std::time::Duration,
+        counters: Arc<SnapshotCounters>,
+    ) -> Result<Snapshotter, String> {
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+        let thread = thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(interval)
+                {
+                    let started = Instant::now();
+                    let written =
+                        cluster
+                            .snapshot()
+                            .map_err(|e| e.to_string())
+                            .and_then(|per_worker| {
+                                let records = snapshot::merge_records(per_worker);
+                                snapshot::write(&path, &records).map_err(|e| e.to_string())?;
+                                Ok(records.len())
+                            });
+                    match written {
+                        Ok(apps) => counters.record_success(apps, started.elapsed()),
+                        Err(e) => {
+                            counters.record_failure();
+                            eprintln!("ipevents: snapshot to {} failed: {e}", path.display());
+                        }
+                    }
+                }
+            })
+            .map_err(|e| format!("spawn snapshot thread: {e}"))?;
+        Ok(Snapshotter { stop, thread })
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
     }
 }
 
@@ -260,6 +415,17 @@ pub fn run(config: &Config) -> Result<(), String> {
             server.rcvbuf.granted_bytes,
             server.rcvbuf.requested_bytes,
             server.rcvbuf.requested_bytes
+        );
+    }
+    if server.restored_apps + server.unrestored_apps > 0 {
+        eprintln!(
+            "ipevents: restored {} apps from the state file{}",
+            server.restored_apps,
+            if server.unrestored_apps > 0 {
+                format!("; {} left out at --max-apps", server.unrestored_apps)
+            } else {
+                String::new()
+            }
         );
     }
     eprintln!(

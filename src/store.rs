@@ -207,6 +207,39 @@ impl AppTable {
         }
     }
 
+    /// A copy of every app, for the state file.
+    pub fn records(&self) -> Vec<AppRecord> {
+        self.apps
+            .keys()
+            .map(|app| AppRecord {
+                app: *app,
+                partial: self.partial(app),
+            })
+            .collect()
+    }
+
+    /// Adds an app read from the state file, within the caps; returns false when the app
+    /// budget is spent and the app was left out. An app already present is added to.
+    pub fn restore(&mut self, record: &AppRecord) -> bool {
+        let max_ips = self.limits.max_ips_per_app;
+        if !self.apps.contains_key(&record.app) && !self.budget.try_take() {
+            return false;
+        }
+        let state = self.apps.entry(record.app).or_insert_with(|| AppState {
+            events: 0,
+            ips: IpSet::Flat(SmallVec::new()),
+            ips_truncated: false,
+        });
+        state.events = state.events.saturating_add(record.partial.events);
+        state.ips_truncated |= record.partial.ips_truncated;
+        for &(ip, events) in &record.partial.ips {
+            if !state.ips.add(ip, events, max_ips) {
+                state.ips_truncated = true;
+            }
+        }
+        true
+    }
+
     /// Forgets `app`; returns whether it was known.
     pub fn remove(&mut self, app: &AppKey) -> bool {
         let removed = self.apps.remove(app).is_some();
@@ -245,7 +278,7 @@ impl AppTable {
         for (app, state) in &self.apps {
             let mut ips = state.ips.to_vec();
             let stored = ips.len();
-            if stored == 0 || stored > self.limits.max_ips_per_app {
+            if stored > self.limits.max_ips_per_app || (stored == 0 && !state.ips_truncated) {
                 return Err(format!("{app:?} stores {stored} ips"));
             }
             ips.sort_unstable();
@@ -279,6 +312,13 @@ impl Drop for AppTable {
     fn drop(&mut self) {
         self.budget.give_back(self.apps.len());
     }
+}
+
+/// One app's whole state, as the state file holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppRecord {
+    pub app: AppKey,
+    pub partial: Partial,
 }
 
 /// One worker's answer for one app: its event count and its IPs with their event counts.
@@ -547,6 +587,32 @@ mod tests {
         let mut ips = table.partial(&app(1)).ips;
         ips.sort_unstable();
         assert_eq!(ips, (0..100u32).map(|i| (i, 3)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn restores_records_within_the_caps() {
+        let mut source = table(10, 100);
+        for ip in 0..6u32 {
+            source.apply(Event { app: app(1), ip });
+            source.apply(Event { app: app(2), ip: 7 });
+        }
+        let records = source.records();
+        let mut copy = table(10, 100);
+        for record in &records {
+            assert!(copy.restore(record));
+        }
+        assert_eq!(copy.partial(&app(1)), source.partial(&app(1)));
+        assert_eq!(copy.check_invariants(), Ok(()));
+        // A smaller cap on restart truncates instead of failing.
+        let mut small = table(1, 4);
+        assert!(small.restore(&records.iter().find(|r| r.app == app(1)).unwrap().clone()));
+        let partial = small.partial(&app(1));
+        assert_eq!(
+            (partial.events, partial.ips.len(), partial.ips_truncated),
+            (6, 4, true)
+        );
+        assert!(!small.restore(&records.iter().find(|r| r.app == app(2)).unwrap().clone()));
+        assert_eq!(small.check_invariants(), Ok(()));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::socket::{self, RecvBatch};
-use crate::store::{AppTable, Applied, Partial};
+use crate::store::{AppRecord, AppTable, Applied, Partial};
 use crate::wire::{self, AppKey, Event, Reject};
 
 const UDP: Token = Token(0);
@@ -43,6 +43,8 @@ pub enum Command {
     },
     /// Copies of the latency histograms and the table's size.
     Stats { reply: Sender<WorkerStats> },
+    /// A copy of every app, for the state file. The worker copies; the caller does the I/O.
+    Snapshot { reply: Sender<Vec<AppRecord>> },
     /// Drain the socket and stop.
     Shutdown,
 }
@@ -150,14 +152,21 @@ pub struct WorkerStats {
     pub pairs: usize,
 }
 
+/// What a worker hands back when it stops: its last stats and its table, for the state file.
+pub struct WorkerExit {
+    pub stats: WorkerStats,
+    pub table: AppTable,
+}
+
 /// The other threads' side of a worker.
+#[derive(Clone)]
 pub struct WorkerHandle {
     pub id: usize,
     commands: Sender<Command>,
     waker: Arc<Waker>,
     pub counters: Arc<Counters>,
     /// A duplicate of the worker's socket, used only to read kernel counters.
-    socket: UdpSocket,
+    socket: Arc<UdpSocket>,
 }
 
 impl WorkerHandle {
@@ -171,7 +180,7 @@ impl WorkerHandle {
 
     /// Datagrams the kernel dropped on this worker's socket because its queue was full.
     pub fn kernel_drops(&self) -> Option<u64> {
-        socket::kernel_drops(&self.socket).ok().flatten()
+        socket::kernel_drops(&*self.socket).ok().flatten()
     }
 }
 
@@ -222,13 +231,14 @@ impl Worker {
             commands: commands_tx,
             waker,
             counters,
-            socket: handle_socket,
+            socket: Arc::new(handle_socket),
         };
         Ok((worker, handle))
     }
 
-    /// Runs until a `Shutdown` command, or until every handle is gone; returns the final stats.
-    pub fn run(mut self) -> io::Result<WorkerStats> {
+    /// Runs until a `Shutdown` command, or until every handle is gone; returns the final stats
+    /// and the table.
+    pub fn run(mut self) -> io::Result<WorkerExit> {
         let mut events = Events::with_capacity(8);
         loop {
             // Commands go first: they are rare, and an HTTP client is blocked on each.
@@ -236,7 +246,10 @@ impl Worker {
                 match self.commands.try_recv() {
                     Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
                         self.drain();
-                        return Ok(self.stats());
+                        return Ok(WorkerExit {
+                            stats: self.stats(),
+                            table: self.table,
+                        });
                     }
                     Ok(command) => self.handle(command),
                     Err(TryRecvError::Empty) => break,
@@ -286,6 +299,9 @@ impl Worker {
             }
             Command::Stats { reply } => {
                 let _ = reply.send(self.stats());
+            }
+            Command::Snapshot { reply } => {
+                let _ = reply.send(self.table.records());
             }
             Command::Shutdown => unreachable!("handled by the run loop"),
         }

@@ -4,4 +4,5 @@
 mod api;
 mod ingest;
 mod lifecycle;
+mod restart;
 mod support;

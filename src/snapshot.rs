@@ -1,0 +1,374 @@
+//! The state file: a versioned, checksummed image of every app the server knows, written
+//! atomically (temporary file, fsync, rename, fsync of the directory) and read back on start.
+//!
+//! Layout, all integers little-endian:
+//!
+//! ```text
+//! magic   8 bytes  "IPEVSNAP"
+//! version u32      FORMAT_VERSION
+//! length  u64      bytes of the body
+//! body             apps u64, then per app: sha [u8; 32], events u64, flags u8
+//!                  (bit 0: ips truncated), ips u32, then (ip u32, events u64) per ip
+//! crc32   u32      CRC-32 (IEEE) of the body
+//! ```
+//!
+//! The records are merged over workers before they are written, so a file does not depend on
+//! how many workers wrote it or will read it. This module never touches a worker.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::store::{AppRecord, Partial};
+use crate::wire::AppKey;
+
+const MAGIC: &[u8; 8] = b"IPEVSNAP";
+pub const FORMAT_VERSION: u32 = 1;
+const HEADER_BYTES: usize = 8 + 4 + 8;
+const APP_BYTES: usize = 32 + 8 + 1 + 4;
+const IP_BYTES: usize = 4 + 8;
+
+/// What the snapshot thread publishes for `/metrics`.
+#[derive(Debug, Default)]
+pub struct SnapshotCounters {
+    pub taken: AtomicU64,
+    pub failed: AtomicU64,
+    pub last_apps: AtomicU64,
+    pub last_duration_ns: AtomicU64,
+}
+
+impl SnapshotCounters {
+    pub fn record_success(&self, apps: usize, took: std::time::Duration) {
+        self.taken.fetch_add(1, Ordering::Relaxed);
+        self.last_apps.store(apps as u64, Ordering::Relaxed);
+        self.last_duration_ns.store(
+            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    pub fn record_failure(&self) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Why a state file could not be used.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BadState {
+    Unreadable(String),
+    NotAStateFile,
+    WrongVersion(u32),
+    Truncated,
+    ChecksumMismatch,
+    Malformed(&'static str),
+}
+
+impl std::fmt::Display for BadState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BadState::Unreadable(e) => write!(f, "cannot read it: {e}"),
+            BadState::NotAStateFile => f.write_str("it is not an ipevents state file"),
+            BadState::WrongVersion(v) => {
+                write!(
+                    f,
+                    "it has format version {v}; this server reads version {FORMAT_VERSION}"
+                )
+            }
+            BadState::Truncated => f.write_str("it is truncated"),
+            BadState::ChecksumMismatch => f.write_str("its checksum does not match (corrupt)"),
+            BadState::Malformed(what) => write!(f, "it is malformed ({what})"),
+        }
+    }
+}
+
+/// Adds up the records of several workers into one record per app.
+pub fn merge_records(per_worker: impl IntoIterator<Item = Vec<AppRecord>>) -> Vec<AppRecord> {
+    let mut merged: HashMap<AppKey, Vec<Partial>> = HashMap::new();
+    for records in per_worker {
+        for record in records {
+            merged.entry(record.app).or_default().push(record.partial);
+        }
+    }
+    let mut records: Vec<AppRecord> = merged
+        .into_iter()
+        .map(|(app, partials)| AppRecord {
+            app,
+            partial: crate::store::merge_partials(partials),
+        })
+        .collect();
+    records.sort_unstable_by_key(|r| r.app);
+    records
+}
+
+/// Serializes records into the file format.
+pub fn encode(records: &[AppRecord]) -> Vec<u8> {
+    let body_bytes: usize = records
+        .iter()
+        .map(|r| APP_BYTES + r.partial.ips.len() * IP_BYTES)
+        .sum::<usize>()
+        + 8;
+    let mut body = Vec::with_capacity(body_bytes);
+    body.extend_from_slice(&(records.len() as u64).to_le_bytes());
+    for record in records {
+        body.extend_from_slice(&record.app.0);
+        body.extend_from_slice(&record.partial.events.to_le_bytes());
+        body.push(u8::from(record.partial.ips_truncated));
+        body.extend_from_slice(&(record.partial.ips.len() as u32).to_le_bytes());
+        for &(ip, events) in &record.partial.ips {
+            body.extend_from_slice(&ip.to_le_bytes());
+            body.extend_from_slice(&events.to_le_bytes());
+        }
+    }
+    let mut out = Vec::with_capacity(HEADER_BYTES + body.len() + 4);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out
+}
+
+/// Parses the file format; never panics, whatever the bytes.
+pub fn decode(bytes: &[u8]) -> Result<Vec<AppRecord>, BadState> {
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(BadState::NotAStateFile);
+    }
+    let mut reader = Reader(&bytes[MAGIC.len()..]);
+    let version = reader.u32().ok_or(BadState::Truncated)?;
+    if version != FORMAT_VERSION {
+        return Err(BadState::WrongVersion(version));
+    }
+    let body_len = reader.u64().ok_or(BadState::Truncated)?;
+    let body_len = usize::try_from(body_len).map_err(|_| BadState::Truncated)?;
+    let body = reader.take(body_len).ok_or(BadState::Truncated)?;
+    let crc = reader.u32().ok_or(BadState::Truncated)?;
+    if !reader.0.is_empty() {
+        return Err(BadState::Malformed("bytes after the checksum"));
+    }
+    if crc32fast::hash(body) != crc {
+        return Err(BadState::ChecksumMismatch);
+    }
+    let mut reader = Reader(body);
+    let apps = reader.u64().ok_or(BadState::Malformed("no app count"))?;
+    // Every app takes at least APP_BYTES, which bounds the allocation by the file's size.
+    if apps > (body.len() / APP_BYTES) as u64 {
+        return Err(BadState::Malformed("app count larger than the file"));
+    }
+    let mut records = Vec::with_capacity(apps as usize);
+    for _ in 0..apps {
+        let app = AppKey(
+            reader
+                .take(32)
+                .ok_or(BadState::Malformed("short app"))?
+                .try_into()
+                .expect("32 bytes"),
+        );
+        let events = reader.u64().ok_or(BadState::Malformed("short app"))?;
+        let flags = reader.take(1).ok_or(BadState::Malformed("short app"))?[0];
+        let ip_count = reader.u32().ok_or(BadState::Malformed("short app"))? as usize;
+        if ip_count > reader.0.len() / IP_BYTES {
+            return Err(BadState::Malformed("ip count larger than the file"));
+        }
+        let mut ips = Vec::with_capacity(ip_count);
+        for _ in 0..ip_count {
+            let ip = reader.u32().ok_or(BadState::Malformed("short ip"))?;
+            let ip_events = reader.u64().ok_or(BadState::Malformed("short ip"))?;
+            ips.push((ip, ip_events));
+        }
+        records.push(AppRecord {
+            app,
+            partial: Partial {
+                events,
+                ips,
+                ips_truncated: flags & 1 != 0,
+            },
+        });
+    }
+    if !reader.0.is_empty() {
+        return Err(BadState::Malformed("bytes after the last app"));
+    }
+    Ok(records)
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+}
+
+/// Writes `records` to `path` atomically: a crash leaves either the old file or the new one.
+pub fn write(path: &Path, records: &[AppRecord]) -> io::Result<()> {
+    let bytes = encode(records);
+    let temporary = sibling(path, "tmp");
+    let mut file = File::create(&temporary)?;
+    file.write_all(&bytes)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&temporary, path)?;
+    // The rename is durable only once the directory entry is.
+    let directory = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(directory)?.sync_all()
+}
+
+/// Reads the state file. `Ok(None)` when there is none yet (a first start).
+pub fn read(path: &Path) -> Result<Option<Vec<AppRecord>>, BadState> {
+    match fs::read(path) {
+        Ok(bytes) => decode(&bytes).map(Some),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(BadState::Unreadable(e.to_string())),
+    }
+}
+
+/// Moves a bad state file aside, next to where it was, and returns its new name.
+pub fn set_aside(path: &Path) -> io::Result<PathBuf> {
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let aside = sibling(path, &format!("bad-{seconds}"));
+    fs::rename(path, &aside)?;
+    Ok(aside)
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".{suffix}"));
+    path.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: u8, events: u64, ips: Vec<(u32, u64)>, ips_truncated: bool) -> AppRecord {
+        AppRecord {
+            app: AppKey([n; 32]),
+            partial: Partial {
+                events,
+                ips,
+                ips_truncated,
+            },
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let records = vec![
+            record(1, 3, vec![(10, 2), (11, 1)], false),
+            record(2, 9, vec![(u32::MAX, 5)], true),
+        ];
+        assert_eq!(decode(&encode(&records)), Ok(records));
+        assert_eq!(decode(&encode(&[])), Ok(vec![]));
+    }
+
+    #[test]
+    fn merges_workers() {
+        let merged = merge_records([
+            vec![
+                record(2, 1, vec![(7, 1)], false),
+                record(1, 2, vec![(5, 2)], false),
+            ],
+            vec![record(1, 3, vec![(5, 1), (6, 2)], true)],
+        ]);
+        assert_eq!(
+            merged,
+            vec![
+                record(1, 5, vec![(5, 3), (6, 2)], true),
+                record(2, 1, vec![(7, 1)], false)
+            ]
+        );
+    }
+
+    #[test]
+    fn refuses_bad_files() {
+        let good = encode(&[record(1, 3, vec![(10, 3)], false)]);
+        let mut flipped = good.clone();
+        flipped[HEADER_BYTES + 10] ^= 1;
+        let mut wrong_version = good.clone();
+        wrong_version[8] = 9;
+        let mut trailing = good.clone();
+        trailing.push(0);
+        let cases: Vec<(Vec<u8>, BadState)> = vec![
+            (vec![], BadState::NotAStateFile),
+            (
+                b"hello world, not a snapshot".to_vec(),
+                BadState::NotAStateFile,
+            ),
+            (good[..good.len() - 1].to_vec(), BadState::Truncated),
+            (good[..HEADER_BYTES + 3].to_vec(), BadState::Truncated),
+            (flipped, BadState::ChecksumMismatch),
+            (wrong_version, BadState::WrongVersion(9)),
+            (trailing, BadState::Malformed("bytes after the checksum")),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(decode(&bytes), Err(want));
+        }
+    }
+
+    #[test]
+    fn huge_counts_do_not_allocate() {
+        // A well-formed envelope around a body that claims 2^60 apps.
+        let body = (1u64 << 60).to_le_bytes();
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&body);
+        bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        assert_eq!(
+            decode(&bytes),
+            Err(BadState::Malformed("app count larger than the file"))
+        );
+    }
+
+    #[test]
+    fn writes_atomically_and_reads_back() {
+        let dir = std::env::temp_dir().join(format!("ipevents-snapshot-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        assert_eq!(read(&path), Ok(None));
+        let records = vec![record(4, 1, vec![(1, 1)], false)];
+        write(&path, &records).unwrap();
+        assert_eq!(read(&path), Ok(Some(records)));
+        assert!(!sibling(&path, "tmp").exists());
+        let aside = set_aside(&path).unwrap();
+        assert!(aside.exists() && !path.exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn decoding_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+                let _ = decode(&bytes);
+                let mut framed = MAGIC.to_vec();
+                framed.extend_from_slice(&bytes);
+                let _ = decode(&framed);
+            }
+        }
+    }
+}
