@@ -6,6 +6,8 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let config = ipevents::config::Config::parse();
+    // Reads FAILPOINTS from the environment in builds with the `failpoints` feature (tests).
+    let _fail_scenario = fail::FailScenario::setup();
     match ipevents::server::run(&config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {

@@ -3,7 +3,7 @@
 
 use std::net::{TcpListener, UdpSocket};
 
-use crate::support::{run_to_exit, send_events, Reference, Server};
+use crate::support::{self, run_to_exit, send_events, Reference, Server};
 
 #[test]
 fn graceful_shutdown_drains_and_prints_the_histograms() {
@@ -110,6 +110,32 @@ fn operator_mistakes_get_one_line_and_a_failing_exit() {
         exit.stderr
     );
     assert_eq!(exit.stderr.lines().count(), 1, "{}", exit.stderr);
+}
+
+/// A worker that panics takes the server down with a line naming it, so that a supervisor
+/// restarts the whole server instead of it answering with part of the data.
+#[test]
+fn a_failed_worker_stops_the_server_with_its_reason() {
+    let server = Server::start_with_env(
+        &["--workers", "2"],
+        &[("FAILPOINTS", "worker::handle=panic(injected fault)")],
+    );
+    // The query reaches every worker; worker 1 panics on it. The answer, if any, is a 503.
+    let query = format!(
+        "GET /events/{} HTTP/1.1\r\nConnection: close\r\n\r\n",
+        "ab".repeat(32)
+    );
+    let reply = support::try_send_raw(server.http, query.as_bytes()).map(|r| r.status);
+    assert!(matches!(reply, Ok(503) | Err(_)), "{reply:?}");
+    let exit = server.wait_exit();
+    assert_eq!(exit.status.code(), Some(1), "{}", exit.stderr);
+    let last = exit.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("worker 1 failed: injected fault"),
+        "{}",
+        exit.stderr
+    );
+    assert!(last.contains("supervisor"), "{last}");
 }
 
 #[test]

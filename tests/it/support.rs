@@ -280,41 +280,50 @@ pub fn request(
 
 /// Writes `raw` bytes to the HTTP port and parses the one response that comes back.
 pub fn send_raw(addr: SocketAddr, raw: &[u8]) -> Response {
-    let mut stream = TcpStream::connect(addr).expect("connect to the HTTP port");
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    stream.write_all(raw).expect("write the request");
+    try_send_raw(addr, raw).unwrap_or_else(|e| panic!("HTTP exchange with {addr}: {e}"))
+}
+
+/// Like [`send_raw`], for tests where the server may close the connection instead.
+pub fn try_send_raw(addr: SocketAddr, raw: &[u8]) -> std::io::Result<Response> {
+    use std::io::{Error, ErrorKind};
+    let bad = |what: String| Error::new(ErrorKind::InvalidData, what);
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(DEADLINE))?;
+    stream.write_all(raw)?;
     let mut reader = BufReader::new(stream);
     let mut status_line = String::new();
-    reader
-        .read_line(&mut status_line)
-        .expect("read the status line");
+    reader.read_line(&mut status_line)?;
     let status = status_line
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+        .ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
     let mut headers = Vec::new();
     loop {
         let mut line = String::new();
-        reader.read_line(&mut line).expect("read a header");
+        reader.read_line(&mut line)?;
         let line = line.trim_end();
         if line.is_empty() {
             break;
         }
-        let (name, value) = line.split_once(':').expect("header has a colon");
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| bad(format!("header {line:?}")))?;
         headers.push((name.trim().to_owned(), value.trim().to_owned()));
     }
     let length: usize = headers
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case("Content-Length"))
-        .map_or(0, |(_, v)| v.parse().unwrap());
+        .map_or(Ok(0), |(_, v)| {
+            v.parse().map_err(|_| bad(format!("length {v:?}")))
+        })?;
     let mut body = vec![0; length];
-    reader.read_exact(&mut body).expect("read the body");
-    Response {
+    reader.read_exact(&mut body)?;
+    Ok(Response {
         status,
         headers,
         body,
-    }
+    })
 }
 
 /// The reference client's traffic: a home /28, a few bad IPs far from it, three apps, and
