@@ -79,6 +79,15 @@ pub struct Config {
     #[arg(long)]
     pub discard_bad_state: bool,
 
+    /// Open HTTP connections the server holds; one more is answered 503 and closed.
+    #[arg(long, default_value_t = 256, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub http_max_connections: u64,
+
+    /// How long an HTTP client may stay idle between requests, and may take to send one
+    /// request, in milliseconds; past it the connection is closed (408 mid-request).
+    #[arg(long, default_value_t = 10_000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_timeout_ms: u64,
+
     /// How long an HTTP request waits for the workers before answering 503, in milliseconds.
     #[arg(long, default_value_t = 2000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub reply_timeout_ms: u64,
@@ -87,6 +96,17 @@ pub struct Config {
 impl Config {
     pub fn reply_timeout(&self) -> Duration {
         Duration::from_millis(self.reply_timeout_ms)
+    }
+
+    pub fn gate_limits(&self) -> crate::gate::GateLimits {
+        let timeout = Duration::from_millis(self.http_timeout_ms);
+        crate::gate::GateLimits {
+            max_connections: usize::try_from(self.http_max_connections).unwrap_or(usize::MAX),
+            idle_timeout: timeout,
+            request_timeout: timeout,
+            upstream_timeout: self.reply_timeout() + Duration::from_secs(5),
+            ..crate::gate::GateLimits::default()
+        }
     }
 
     pub fn snapshot_interval(&self) -> Duration {

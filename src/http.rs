@@ -14,6 +14,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::cluster::{Cluster, Unavailable};
+use crate::gate::GateCounters;
 use crate::metrics;
 use crate::snapshot::SnapshotCounters;
 use crate::store::{Applied, Verdict};
@@ -170,6 +171,8 @@ pub struct Api {
     admin_token: Option<Vec<u8>>,
     /// The snapshot thread's counters, when there is a state file.
     pub snapshots: Option<Arc<SnapshotCounters>>,
+    /// The HTTP gate's counters.
+    pub gate: Option<Arc<GateCounters>>,
     pub requests: BTreeMap<(Route, u16), u64>,
     /// `GET /events/{app_sha256}` latency, nanoseconds.
     pub query_ns: Histogram<u64>,
@@ -183,6 +186,7 @@ impl Api {
             cluster,
             admin_token: None,
             snapshots: None,
+            gate: None,
             requests: BTreeMap::new(),
             query_ns: new_histogram(),
             reset_ns: new_histogram(),
@@ -192,6 +196,12 @@ impl Api {
     /// Requires `Authorization: Bearer <token>` on the requests that change data.
     pub fn with_admin_token(mut self, token: Option<&str>) -> Api {
         self.admin_token = token.map(|t| t.as_bytes().to_vec());
+        self
+    }
+
+    /// Reports the HTTP gate's counters in `/metrics`.
+    pub fn with_gate(mut self, counters: Arc<GateCounters>) -> Api {
+        self.gate = Some(counters);
         self
     }
 
@@ -414,7 +424,10 @@ pub fn serve(
 }
 
 fn to_tiny_http(response: ApiResponse) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
-    let mut out = tiny_http::Response::from_data(response.body).with_status_code(response.status);
+    // A known length, never chunked: the gate relays by Content-Length.
+    let mut out = tiny_http::Response::from_data(response.body)
+        .with_status_code(response.status)
+        .with_chunked_threshold(usize::MAX);
     if let Some(content_type) = response.content_type {
         out.add_header(header("Content-Type", content_type));
     }

@@ -10,6 +10,7 @@
 //! - [`socket`]: socket set-up, recvmmsg/sendmmsg, steering, kernel counters (all the unsafe).
 //! - [`worker`]: the per-core mio loop and the commands it takes.
 //! - [`cluster`]: fan-out of commands to the workers, with a bounded wait.
+//! - [`gate`]: the public HTTP listener, which bounds connections, time and bytes per client.
 //! - [`http`]: the REST API.
 //! - [`metrics`]: `/metrics` text and the shutdown report.
 //! - [`snapshot`]: the state file that carries the counts across restarts.
@@ -18,6 +19,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod gate;
 pub mod http;
 pub mod metrics;
 pub mod server;

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use hdrhistogram::Histogram;
 
 use crate::cluster::Cluster;
+use crate::gate::{GateCounters, Refusal};
 use crate::http::Api;
 use crate::snapshot::SnapshotCounters;
 use crate::wire::Reject;
@@ -138,6 +139,9 @@ pub fn render(api: &Api) -> String {
     if let Some(snapshots) = &api.snapshots {
         snapshot_metrics(&mut out, snapshots);
     }
+    if let Some(gate) = &api.gate {
+        gate_metrics(&mut out, gate);
+    }
     family(
         &mut out,
         "http_requests_total",
@@ -182,6 +186,45 @@ pub fn render(api: &Api) -> String {
         &api.reset_ns,
     );
     out
+}
+
+fn gate_metrics(out: &mut String, gate: &GateCounters) {
+    family(
+        out,
+        "http_connections_open",
+        "gauge",
+        "Open client connections to the HTTP port.",
+    );
+    let _ = writeln!(
+        out,
+        "{NAMESPACE}_http_connections_open {}",
+        gate.open_connections.load(Ordering::Relaxed)
+    );
+    family(
+        out,
+        "http_connections_total",
+        "counter",
+        "Client connections accepted.",
+    );
+    let _ = writeln!(
+        out,
+        "{NAMESPACE}_http_connections_total {}",
+        gate.accepted.load(Ordering::Relaxed)
+    );
+    family(
+        out,
+        "http_refused_total",
+        "counter",
+        "Requests or connections refused at the gate, by reason.",
+    );
+    for refusal in Refusal::ALL {
+        let _ = writeln!(
+            out,
+            "{NAMESPACE}_http_refused_total{{reason=\"{}\"}} {}",
+            refusal.as_str(),
+            gate.refused(refusal)
+        );
+    }
 }
 
 fn snapshot_metrics(out: &mut String, snapshots: &SnapshotCounters) {

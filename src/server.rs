@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::gate::{Gate, GateCounters};
 use crate::http::{self, Api};
 use crate::metrics::{self, Totals};
 use crate::snapshot::{self, BadState, SnapshotCounters};
@@ -59,6 +60,9 @@ pub struct Server {
     snapshotter: Option<Snapshotter>,
     state: Option<PathBuf>,
     http_server: Arc<tiny_http::Server>,
+    gate: Option<Gate>,
+    /// Holds the API's Unix socket; removed when the server is dropped.
+    _private_dir: tempfile::TempDir,
     http_thread: Option<JoinHandle<Api>>,
     stopping: Arc<AtomicBool>,
     lifecycle: Receiver<Lifecycle>,
@@ -96,8 +100,25 @@ pub fn start(config: &Config) -> Result<Server, String> {
     let http_addr = listener
         .local_addr()
         .map_err(|e| format!("http local address: {e}"))?;
-    let http_server = tiny_http::Server::from_listener(listener, None)
-        .map_err(|e| format!("start http server on {http_addr}: {e}"))?;
+    // tiny_http listens on a Unix socket in a directory only this user can enter; the public
+    // port belongs to the gate, which bounds what each client can make the server hold.
+    let private_dir = tempfile::Builder::new()
+        .prefix("ipevents-")
+        .tempdir()
+        .map_err(|e| format!("create a private directory for the http socket: {e}"))?;
+    let api_socket = private_dir.path().join("api.sock");
+    let api_listener = std::os::unix::net::UnixListener::bind(&api_socket)
+        .map_err(|e| format!("bind {}: {e}", api_socket.display()))?;
+    let http_server = tiny_http::Server::from_listener(api_listener, None)
+        .map_err(|e| format!("start http server: {e}"))?;
+    let gate_counters = Arc::new(GateCounters::default());
+    let gate = Gate::start(
+        listener,
+        api_socket,
+        config.gate_limits(),
+        gate_counters.clone(),
+    )
+    .map_err(|e| format!("start http gate on {http_addr}: {e}"))?;
 
     let budget = Arc::new(AppBudget::new(
         usize::try_from(config.max_apps).unwrap_or(usize::MAX),
@@ -154,7 +175,8 @@ pub fn start(config: &Config) -> Result<Server, String> {
     };
     let api = Api::new(Cluster::new(handles, budget, config.reply_timeout()))
         .with_admin_token(config.admin_token.as_deref())
-        .with_snapshots(config.state.is_some().then_some(snapshot_counters));
+        .with_snapshots(config.state.is_some().then_some(snapshot_counters))
+        .with_gate(gate_counters);
     let http_server = Arc::new(http_server);
     let stopping = Arc::new(AtomicBool::new(false));
     let notice = ExitNotice {
@@ -184,6 +206,8 @@ pub fn start(config: &Config) -> Result<Server, String> {
         snapshotter,
         state: config.state.clone(),
         http_server,
+        gate: Some(gate),
+        _private_dir: private_dir,
         http_thread: Some(http_thread),
         stopping,
         lifecycle,
@@ -222,6 +246,9 @@ impl Server {
     /// Stops taking requests, lets every worker drain its socket and stop, and returns the
     /// shutdown report.
     pub fn shutdown(mut self) -> Result<String, String> {
+        if let Some(gate) = self.gate.take() {
+            gate.stop();
+        }
         self.stopping.store(true, Ordering::Release);
         self.http_server.unblock();
         let api = self

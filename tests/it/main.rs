@@ -1,6 +1,7 @@
 //! Integration tests: the real server binary on loopback, real UDP datagrams, real HTTP.
 //! One test binary, so that it links once.
 
+mod abuse;
 mod api;
 mod ingest;
 mod lifecycle;
