@@ -3,6 +3,7 @@
 
 mod abuse;
 mod api;
+mod hostile;
 mod ingest;
 mod lifecycle;
 mod restart;
