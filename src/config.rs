@@ -28,7 +28,8 @@ pub struct Config {
 
     /// How the kernel spreads datagrams over the workers' sockets: `hash` keeps each sender
     /// on one worker (SO_REUSEPORT's flow hash), `cpu` sends a datagram to the worker of the
-    /// CPU that received it, `random` picks a worker per datagram (classic BPF).
+    /// CPU that received it, `random` picks a worker per datagram, `app` sends each app to
+    /// one worker by a hash of the sha it reads from the datagram (classic BPF).
     #[arg(long, value_enum, default_value_t = Steering::Random)]
     pub steering: Steering,
 

@@ -24,6 +24,9 @@ pub enum Steering {
     Cpu,
     /// A random worker for every datagram.
     Random,
+    /// The worker that the app's sha hashes to, read from the datagram itself: each app lives
+    /// on one worker, whatever the senders.
+    App,
 }
 
 impl std::fmt::Display for Steering {
@@ -32,6 +35,7 @@ impl std::fmt::Display for Steering {
             Steering::Hash => "hash",
             Steering::Cpu => "cpu",
             Steering::Random => "random",
+            Steering::App => "app",
         })
     }
 }
@@ -156,26 +160,61 @@ fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, value: libc::c_int)
 const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
 const BPF_ALU_MOD_K: u16 = (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16;
 const BPF_RET_A: u16 = (libc::BPF_RET | libc::BPF_A) as u16;
+const BPF_LD_B_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
+const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+const BPF_ALU_OR_K: u16 = (libc::BPF_ALU | libc::BPF_OR | libc::BPF_K) as u16;
+const BPF_ALU_MUL_K: u16 = (libc::BPF_ALU | libc::BPF_MUL | libc::BPF_K) as u16;
+const BPF_ALU_RSH_K: u16 = (libc::BPF_ALU | libc::BPF_RSH | libc::BPF_K) as u16;
 
 /// The classic BPF program that picks a socket index for every datagram, or `None` for the
 /// kernel's own flow hash.
-fn steering_program(steering: Steering, sockets: u32) -> Option<[libc::sock_filter; 3]> {
-    let ancillary = match steering {
-        Steering::Hash => return None,
-        Steering::Cpu => libc::SKF_AD_CPU,
-        Steering::Random => libc::SKF_AD_RANDOM,
-    };
-    let op = |code, k| libc::sock_filter {
+fn steering_program(steering: Steering, sockets: u32) -> Option<Vec<libc::sock_filter>> {
+    let op = |code: u16, k: u32| libc::sock_filter {
         code,
         jt: 0,
         jf: 0,
         k,
     };
-    Some([
-        op(BPF_LD_W_ABS, (libc::SKF_AD_OFF + ancillary) as u32),
-        op(BPF_ALU_MOD_K, sockets),
-        op(BPF_RET_A, 0),
-    ])
+    let jump_unless = |value: u32, skip: u8| libc::sock_filter {
+        code: BPF_JEQ_K,
+        jt: 0,
+        jf: skip,
+        k: value,
+    };
+    let by_ancillary = |ancillary: i32| {
+        vec![
+            op(BPF_LD_W_ABS, (libc::SKF_AD_OFF + ancillary) as u32),
+            op(BPF_ALU_MOD_K, sockets),
+            op(BPF_RET_A, 0),
+        ]
+    };
+    match steering {
+        Steering::Hash => None,
+        Steering::Cpu => Some(by_ancillary(libc::SKF_AD_CPU)),
+        Steering::Random => Some(by_ancillary(libc::SKF_AD_RANDOM)),
+        Steering::App => {
+            // The program runs with the UDP payload at offset 0. A datagram that starts the
+            // usual way, with the sha field (key 0x0a, length 64), goes to the worker that
+            // four of the sha's hex digits hash to, so that each app lives on one worker.
+            // Anything else goes to a random worker: merging makes any choice correct.
+            let mut program = vec![
+                op(BPF_LD_B_ABS, 0),
+                jump_unless(0x0a, 7),
+                op(BPF_LD_B_ABS, 1),
+                jump_unless(64, 5),
+                op(BPF_LD_W_ABS, 2),
+                // Lower-case the letters (digits already have this bit), so that either case
+                // of a sha picks the same worker.
+                op(BPF_ALU_OR_K, 0x2020_2020),
+                op(BPF_ALU_MUL_K, 0x9e37_79b1),
+                op(BPF_ALU_RSH_K, 16),
+                op(BPF_ALU_MOD_K, sockets),
+                op(BPF_RET_A, 0),
+            ];
+            program.extend(by_ancillary(libc::SKF_AD_RANDOM));
+            Some(program)
+        }
+    }
 }
 
 /// Attaches the steering program to the group that `socket` belongs to. Call it once every
@@ -424,6 +463,17 @@ mod tests {
             assert_eq!(program[1].k, 3);
             assert_eq!(program[2].code, BPF_RET_A);
         }
+        // Every jump of the app program lands on the random fallback, and both paths return.
+        let program = steering_program(Steering::App, 3).unwrap();
+        let fallback = program.len() - 3;
+        for (i, op) in program.iter().enumerate() {
+            if op.code == BPF_JEQ_K {
+                assert_eq!(i + 1 + usize::from(op.jf), fallback);
+            }
+        }
+        assert_eq!(program[fallback - 1].code, BPF_RET_A);
+        assert_eq!(program[fallback - 2].k, 3);
+        assert_eq!(program.last().unwrap().code, BPF_RET_A);
     }
 
     #[test]

@@ -9,11 +9,12 @@ use crate::support::{self, labelled_metric, send_events, Reference, Server};
 /// the last send with no settling wait, so the counts also prove read-your-writes.
 #[test]
 fn reference_traffic_is_counted_exactly_under_every_steering() {
-    let cases: [(&str, &str, usize); 4] = [
+    let cases: [(&str, &str, usize); 5] = [
         ("1", "hash", 1),
         ("2", "hash", 16),
         ("2", "cpu", 4),
         ("2", "random", 1),
+        ("2", "app", 16),
     ];
     for (seed, (workers, steering, sockets)) in cases.into_iter().enumerate() {
         let server = Server::start(&["--workers", workers, "--steering", steering]);
@@ -33,19 +34,23 @@ fn reference_traffic_is_counted_exactly_under_every_steering() {
             30_000
         );
         assert_eq!(support::metric(&metrics, "ipevents_kernel_drops_total"), 0);
-        if steering == "random" {
-            // One sender socket still reaches both workers.
-            for worker in ["0", "1"] {
-                let received = labelled_metric(
-                    &metrics,
-                    "ipevents_datagrams_received_total",
-                    &format!("worker=\"{worker}\""),
-                );
+        let received = |worker: &str| {
+            let label = format!("worker=\"{worker}\"");
+            labelled_metric(&metrics, "ipevents_datagrams_received_total", &label).unwrap()
+        };
+        let tracked = support::metric(&metrics, "ipevents_apps_tracked");
+        match steering {
+            // One sender socket still reaches both workers, so each app is on both.
+            "random" => {
                 assert!(
-                    received.unwrap() > 0,
-                    "worker {worker} received nothing under random steering"
+                    received("0") > 0 && received("1") > 0,
+                    "one worker got nothing"
                 );
+                assert_eq!(tracked, 6);
             }
+            // Each app lives on exactly one worker, whichever socket sent it.
+            "app" => assert_eq!(tracked, 3),
+            _ => {}
         }
     }
 }
