@@ -4,7 +4,7 @@
 //! Set-up errors come back as one line naming what failed; nothing here runs per datagram.
 
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -20,9 +20,10 @@ use crate::gate::{Gate, GateCounters};
 use crate::http::{self, Api};
 use crate::metrics::{self, Totals};
 use crate::snapshot::{self, BadState, SnapshotCounters};
-use crate::socket::{self, Rcvbuf};
+use crate::socket::{self, Rcvbuf, Steering};
 use crate::store::{AppBudget, AppRecord, AppTable, Limits};
 use crate::worker::{Command, Worker, WorkerExit, WorkerStats};
+use core_affinity::CoreId;
 
 /// Something the main thread must act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,37 +70,72 @@ pub struct Server {
     lifecycle_tx: Sender<Lifecycle>,
 }
 
-/// Binds everything and starts the threads. Errors name the step that failed.
-pub fn start(config: &Config) -> Result<Server, String> {
+/// How many workers to run, and the cores to pin them to (none when unpinned). More
+/// pinned workers than cores is an operator mistake.
+pub fn plan_workers(requested: Option<u16>, pin: bool) -> Result<(usize, Vec<CoreId>), String> {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let available = cores.len().max(1);
-    let workers = config.workers.map_or(available, usize::from);
-    if !config.no_pin && workers > cores.len() {
+    let workers = requested.map_or(cores.len().max(1), usize::from);
+    if !pin {
+        return Ok((workers, Vec::new()));
+    }
+    if workers > cores.len() {
         return Err(format!(
             "--workers {workers} is more than the {} cores this process may run on: \
              lower it, or add --no-pin to run unpinned",
             cores.len()
         ));
     }
+    Ok((workers, cores))
+}
 
-    let records = load_state(config)?;
+/// The UDP side: one socket per worker in one SO_REUSEPORT group, steering attached.
+pub struct UdpGroup {
+    pub sockets: Vec<UdpSocket>,
+    pub addr: SocketAddr,
+    pub rcvbuf: Rcvbuf,
+}
 
-    let (sockets, rcvbuf) = socket::bind_reuseport_group(config.udp, workers, config.rcvbuf)
-        .map_err(|e| format!("bind udp {}: {e}", config.udp))?;
-    let udp_addr = sockets[0]
+/// Binds the UDP group and attaches its steering program.
+pub fn bind_udp_group(
+    addr: SocketAddr,
+    workers: usize,
+    rcvbuf_bytes: usize,
+    steering: Steering,
+) -> Result<UdpGroup, String> {
+    let (sockets, rcvbuf) = socket::bind_reuseport_group(addr, workers, rcvbuf_bytes)
+        .map_err(|e| format!("bind udp {addr}: {e}"))?;
+    let addr = sockets[0]
         .local_addr()
         .map_err(|e| format!("udp local address: {e}"))?;
-    socket::attach_steering(&sockets[0], config.steering, workers).map_err(|e| {
-        format!(
-            "attach {} steering (SO_ATTACH_REUSEPORT_CBPF): {e}; use --steering hash",
-            config.steering
-        )
+    socket::attach_steering(&sockets[0], steering, workers).map_err(|e| {
+        format!("attach {steering} steering (SO_ATTACH_REUSEPORT_CBPF): {e}; use --steering hash")
     })?;
-    let listener =
-        TcpListener::bind(config.http).map_err(|e| format!("bind http {}: {e}", config.http))?;
-    let http_addr = listener
+    Ok(UdpGroup {
+        sockets,
+        addr,
+        rcvbuf,
+    })
+}
+
+/// Binds the HTTP port; returns the listener and the address it got.
+pub fn bind_http(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), String> {
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind http {addr}: {e}"))?;
+    let local = listener
         .local_addr()
         .map_err(|e| format!("http local address: {e}"))?;
+    Ok((listener, local))
+}
+
+/// Binds everything and starts the threads. Errors name the step that failed.
+pub fn start(config: &Config) -> Result<Server, String> {
+    let (workers, cores) = plan_workers(config.workers, !config.no_pin)?;
+    let records = load_state(config)?;
+    let UdpGroup {
+        sockets,
+        addr: udp_addr,
+        rcvbuf,
+    } = bind_udp_group(config.udp, workers, config.rcvbuf, config.steering)?;
+    let (listener, http_addr) = bind_http(config.http)?;
     // tiny_http listens on a Unix socket in a directory only this user can enter; the public
     // port belongs to the gate, which bounds what each client can make the server hold.
     let private_dir = tempfile::Builder::new()
@@ -146,7 +182,7 @@ pub fn start(config: &Config) -> Result<Server, String> {
         let (worker, handle) = Worker::new(id, udp, table, usize::from(config.batch))
             .map_err(|e| format!("set up worker {id}: {e}"))?;
         handles.push(handle);
-        let core = (!config.no_pin).then(|| cores[id % cores.len()]);
+        let core = cores.get(id).copied();
         let notice = ExitNotice {
             lifecycle: lifecycle_tx.clone(),
             message: Lifecycle::WorkerStopped(id),

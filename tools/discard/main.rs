@@ -8,7 +8,7 @@
 #![forbid(unsafe_code)]
 
 use std::io;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use std::thread;
 
 use clap::Parser;
 use crossbeam_channel::Sender;
+use ipevents::server::{self, UdpGroup};
 use ipevents::socket::{self, RecvBatch, Steering};
 use mio::{Events, Interest, Poll, Token, Waker};
 
@@ -88,31 +89,13 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<(), String> {
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let workers = args.workers.map_or(cores.len().max(1), usize::from);
-    if !args.no_pin && workers > cores.len() {
-        return Err(format!(
-            "--workers {workers} is more than the {} cores this process may run on: \
-             lower it, or add --no-pin",
-            cores.len()
-        ));
-    }
-    let (sockets, rcvbuf) = socket::bind_reuseport_group(args.udp, workers, args.rcvbuf_bytes)
-        .map_err(|e| format!("bind udp {}: {e}", args.udp))?;
-    let udp_addr = sockets[0]
-        .local_addr()
-        .map_err(|e| format!("udp local address: {e}"))?;
-    socket::attach_steering(&sockets[0], args.steering, workers).map_err(|e| {
-        format!(
-            "attach {} steering (SO_ATTACH_REUSEPORT_CBPF): {e}; use --steering hash",
-            args.steering
-        )
-    })?;
-    let listener =
-        TcpListener::bind(args.http).map_err(|e| format!("bind http {}: {e}", args.http))?;
-    let http_addr = listener
-        .local_addr()
-        .map_err(|e| format!("http local address: {e}"))?;
+    let (workers, cores) = server::plan_workers(args.workers, !args.no_pin)?;
+    let UdpGroup {
+        sockets,
+        addr: udp_addr,
+        rcvbuf,
+    } = server::bind_udp_group(args.udp, workers, args.rcvbuf_bytes, args.steering)?;
+    let (listener, http_addr) = server::bind_http(args.http)?;
     let http = Arc::new(
         tiny_http::Server::from_listener(listener, None)
             .map_err(|e| format!("start http server on {http_addr}: {e}"))?,
@@ -145,7 +128,7 @@ fn run(args: &Args) -> Result<(), String> {
             counters: counters.clone(),
             stop: stop.clone(),
         };
-        let core = (!args.no_pin).then(|| cores[id % cores.len()]);
+        let core = cores.get(id).copied();
         let lifecycle = lifecycle_tx.clone();
         let thread = thread::Builder::new()
             .name(format!("discard-{id}"))
