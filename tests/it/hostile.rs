@@ -27,15 +27,24 @@ fn varint(value: u64) -> Vec<u8> {
     out
 }
 
-/// A valid event whose ip field is repeated until the datagram is full (512 bytes).
-fn repeated_ip_field() -> Vec<u8> {
-    let sha_field = [
+/// The app_sha256 field holding SHA.
+fn sha_field() -> Vec<u8> {
+    [
         key(1, WireType::LengthDelimited),
         varint(64),
         SHA.as_bytes().to_vec(),
     ]
-    .concat();
-    let ip_field = [key(2, WireType::Varint), varint(7)].concat();
+    .concat()
+}
+
+/// The ip field holding 7.
+fn ip_field() -> Vec<u8> {
+    [key(2, WireType::Varint), varint(7)].concat()
+}
+
+/// A valid event whose ip field is repeated until the datagram is full (512 bytes).
+fn repeated_ip_field() -> Vec<u8> {
+    let (sha_field, ip_field) = (sha_field(), ip_field());
     let mut repeated = Vec::new();
     while repeated.len() + ip_field.len() + sha_field.len() <= 512 {
         repeated.extend_from_slice(&ip_field);
@@ -47,13 +56,7 @@ fn repeated_ip_field() -> Vec<u8> {
 /// Crafted datagrams with the reason each must be rejected for.
 fn crafted() -> Vec<(&'static str, Vec<u8>)> {
     let valid = ipevents::wire::encode(SHA, 0x0a00_0001);
-    let sha_field = [
-        key(1, WireType::LengthDelimited),
-        varint(64),
-        SHA.as_bytes().to_vec(),
-    ]
-    .concat();
-    let ip_field = [key(2, WireType::Varint), varint(7)].concat();
+    let (sha_field, ip_field) = (sha_field(), ip_field());
     let mut cases = vec![
         ("empty", vec![]),
         ("oversized", vec![0u8; 513]),
@@ -187,15 +190,7 @@ fn hostile_datagrams_are_counted_by_reason_and_valid_traffic_stays_exact() {
     }
     let metrics = server.get("/metrics").text();
     assert_eq!(support::metric(&metrics, "ipevents_kernel_drops_total"), 0);
-    for reason in [
-        "empty",
-        "oversized",
-        "malformed",
-        "missing_sha",
-        "missing_ip",
-        "bad_sha",
-        "ip_out_of_range",
-    ] {
+    for reason in ipevents::wire::Reject::ALL.map(|r| r.as_str()) {
         let got = labelled_metric(
             &metrics,
             "ipevents_datagrams_invalid_total",

@@ -139,15 +139,7 @@ fn invalid_datagrams_are_counted_by_reason_beside_exact_valid_traffic() {
     assert_eq!(answer["bad_ips"], serde_json::json!([]));
     assert_eq!(answer["good_ips"][0], "10.0.0.1");
     let metrics = server.get("/metrics").text();
-    for reason in [
-        "empty",
-        "oversized",
-        "malformed",
-        "missing_sha",
-        "missing_ip",
-        "bad_sha",
-        "ip_out_of_range",
-    ] {
+    for reason in ipevents::wire::Reject::ALL.map(|r| r.as_str()) {
         let want = cases.iter().filter(|(r, _)| *r == reason).count() * rounds;
         let got = labelled_metric(
             &metrics,

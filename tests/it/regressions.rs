@@ -43,9 +43,15 @@ fn datagram_target() {
     // Found by `datagram`: an app_sha256 field that is not UTF-8, overridden by a valid one.
     // parse kept only the last value and accepted the event; prost refuses any string field
     // that is not UTF-8, wherever it stands, so the datagram is malformed.
-    check(&concat(&[&[0x0a, 0x01, 0xff], &valid]), Err(Reject::Malformed));
+    check(
+        &concat(&[&[0x0a, 0x01, 0xff], &valid]),
+        Err(Reject::Malformed),
+    );
     // The same bytes as the last app_sha256 are malformed too, not a bad sha.
-    check(&concat(&[&valid, &[0x0a, 0x01, 0xff]]), Err(Reject::Malformed));
+    check(
+        &concat(&[&valid, &[0x0a, 0x01, 0xff]]),
+        Err(Reject::Malformed),
+    );
     // An earlier sha that is UTF-8 but not hex is still overridden: the last value counts.
     check(
         &concat(&[&[0x0a, 0x04], b"nope", &valid]),
