@@ -199,9 +199,9 @@ fn steering_program(steering: Steering, sockets: u32) -> Option<Vec<libc::sock_f
             // Anything else goes to a random worker: merging makes any choice correct.
             let mut program = vec![
                 op(BPF_LD_B_ABS, 0),
-                jump_unless(0x0a, 7),
+                jump_unless(0x0a, 8),
                 op(BPF_LD_B_ABS, 1),
-                jump_unless(64, 5),
+                jump_unless(64, 6),
                 op(BPF_LD_W_ABS, 2),
                 // Lower-case the letters (digits already have this bit), so that either case
                 // of a sha picks the same worker.

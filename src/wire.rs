@@ -60,7 +60,8 @@ pub enum Reject {
     Empty,
     /// Longer than [`MAX_DATAGRAM_BYTES`].
     Oversized,
-    /// Not a protobuf message, or a known field with the wrong wire type.
+    /// Not a protobuf message, a known field with the wrong wire type, or an `app_sha256`
+    /// that is not UTF-8.
     Malformed,
     /// No `app_sha256` field.
     MissingSha,
@@ -130,6 +131,11 @@ pub fn parse(datagram: &[u8]) -> Result<Event, Reject> {
                     return Err(Reject::Malformed);
                 }
                 let (value, rest) = buf.split_at(len);
+                // prost refuses a string field that is not UTF-8, even one that a later field
+                // overrides; so does this, so that parse never accepts what prost rejects.
+                if std::str::from_utf8(value).is_err() {
+                    return Err(Reject::Malformed);
+                }
                 sha = Some(value);
                 buf = rest;
             }

@@ -127,7 +127,7 @@ fn crafted() -> Vec<(&'static str, Vec<u8>)> {
         ("bad_sha", ipevents::wire::encode(&SHA.replace('f', "x"), 1)),
         ("bad_sha", ipevents::wire::encode(&" ".repeat(64), 1)),
         (
-            "bad_sha",
+            "malformed",
             [
                 key(1, WireType::LengthDelimited),
                 varint(64),

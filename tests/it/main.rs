@@ -6,5 +6,6 @@ mod api;
 mod hostile;
 mod ingest;
 mod lifecycle;
+mod regressions;
 mod restart;
 mod support;
