@@ -52,8 +52,11 @@ pub struct Rcvbuf {
 
 impl Rcvbuf {
     /// The kernel gave less than asked: without CAP_NET_ADMIN it caps at net.core.rmem_max.
+    /// Any request is clamped to INT_MAX / 2 (the kernel doubles it into an int), which is
+    /// not a cap worth a warning.
     pub fn capped(&self) -> bool {
-        self.granted_bytes < self.requested_bytes
+        let most_grantable = (libc::c_int::MAX / 2) as usize;
+        self.granted_bytes < self.requested_bytes.min(most_grantable)
     }
 }
 

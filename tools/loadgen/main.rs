@@ -4,13 +4,15 @@
 //! A run: build the scenario, reset the server, read its counters, send (paced or not) from
 //! several connected sockets and threads, wait for the server to settle, read its counters
 //! again, query every app (or a sample) and print a summary. The modules, in that order:
-//! [`scenario`], [`api`], [`scrape`], [`send`] with [`progress`], [`verify`], [`summary`].
+//! [`scenario`], [`api`], [`scrape`], [`send`] with [`progress`] and [`probe`], [`verify`],
+//! [`summary`]. A `--send-only` run only sends, and touches no HTTP at all.
 //!
 //! It refuses any target that is not loopback: it is a load generator and must never hit
 //! another host. All socket calls go through `ipevents::socket`; there is no unsafe here.
 #![forbid(unsafe_code)]
 
 mod api;
+mod probe;
 mod progress;
 mod scenario;
 mod scrape;
@@ -20,7 +22,7 @@ mod verify;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{CommandFactory, Parser};
@@ -28,10 +30,11 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
 use crate::api::{Api, ApiError};
+use crate::probe::QueryStats;
 use crate::progress::{Bound, ProgressView};
 use crate::scenario::{ManyApps, Scenario, ScenarioKind, GOOD_HOSTS, MAX_IPS_PER_APP};
-use crate::send::{Progress, SendPlan, MAX_BATCH};
-use crate::summary::Summary;
+use crate::send::{Order, Progress, SendPlan, SendReport, MAX_BATCH};
+use crate::summary::{SendSummary, Summary};
 
 /// Datagrams sent when neither `--count` nor `--duration` is given.
 const DEFAULT_COUNT: u64 = 1_000_000;
@@ -76,7 +79,8 @@ struct Args {
     #[arg(long, value_name = "B", value_parser = clap::value_parser!(u8).range(0..=50))]
     bad_ips: Option<u8>,
 
-    /// Datagrams to send [default: 1000000 when --duration is not given].
+    /// Datagrams to send [default: 1000000 when --duration is not given; with
+    /// --each-pair-once, every pair: apps x IPs per app].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
 
@@ -119,6 +123,24 @@ struct Args {
     /// Print the summary as one JSON object on stdout (the human text goes to stderr).
     #[arg(long)]
     json: bool,
+
+    /// Only send, and print what was sent: no reset, no /metrics, no settling, no queries,
+    /// no HTTP at all. For a receiver whose HTTP cannot answer, such as one stopped with
+    /// SIGSTOP to queue datagrams in its sockets.
+    #[arg(long)]
+    send_only: bool,
+
+    /// Send every (app, ip) pair of the many-apps scenario exactly once, app by app, so that
+    /// the whole working set is loaded; every app's count is then its number of IPs.
+    #[arg(long)]
+    each_pair_once: bool,
+
+    /// While sending, query a random app of the scenario every MS milliseconds from a second
+    /// thread and report the latencies (the answers are not checked: the send is changing
+    /// them).
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=60_000),
+          conflicts_with = "send_only")]
+    query_every_ms: Option<u64>,
 }
 
 /// Accepts only loopback addresses (127.0.0.0/8 and ::1).
@@ -166,7 +188,33 @@ impl Args {
                 "--apps, --good-ips and --bad-ips belong to --scenario many-apps".to_owned(),
             );
         }
+        if self.each_pair_once {
+            if self.scenario != ScenarioKind::ManyApps {
+                return Err("--each-pair-once belongs to --scenario many-apps".to_owned());
+            }
+            let pairs = self.pairs();
+            if self.count.is_some_and(|count| count > pairs) {
+                return Err(format!(
+                    "--each-pair-once sends each of the {pairs} (app, ip) pairs once, so \
+                     --count can be at most {pairs}"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// (app, ip) pairs in the many-apps scenario.
+    fn pairs(&self) -> u64 {
+        let shape = self.many_apps();
+        shape.apps as u64 * (shape.good_ips + shape.bad_ips) as u64
+    }
+
+    fn order(&self) -> Order {
+        if self.each_pair_once {
+            Order::EachPairOnce
+        } else {
+            Order::Random
+        }
     }
 
     fn many_apps(&self) -> ManyApps {
@@ -179,10 +227,12 @@ impl Args {
         shape
     }
 
-    /// The datagram bound: `--count`, or the default when no `--duration` is given.
+    /// The datagram bound: `--count`, or every pair with `--each-pair-once`, or the default
+    /// when no `--duration` is given.
     fn count(&self) -> Option<u64> {
         match (self.count, self.duration_s) {
             (Some(count), _) => Some(count),
+            (None, _) if self.each_pair_once => Some(self.pairs()),
             (None, None) => Some(DEFAULT_COUNT),
             (None, Some(_)) => None,
         }
@@ -212,14 +262,89 @@ fn main() -> ExitCode {
             .error(clap::error::ErrorKind::ArgumentConflict, message)
             .exit();
     }
-    match run(&args) {
-        Ok(summary) if summary.ok() => ExitCode::SUCCESS,
-        Ok(_) => ExitCode::from(1),
+    let outcome = if args.send_only {
+        send_only(&args).map(|_| true)
+    } else {
+        run(&args).map(|summary| summary.ok())
+    };
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
         Err(Failure(message)) => {
             eprintln!("loadgen: {message}");
             ExitCode::from(2)
         }
     }
+}
+
+/// A `--send-only` run: build the scenario, send, print what was sent.
+fn send_only(args: &Args) -> Result<SendSummary, Failure> {
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let scenario = build_scenario(args, &mut rng)?;
+    describe_scenario(&scenario, seed);
+    let (report, _) = send_phase(args, &scenario, seed)?;
+    let elapsed_s = report.elapsed.as_secs_f64();
+    let summary = SendSummary {
+        scenario: scenario.kind.name(),
+        seed,
+        apps: scenario.apps(),
+        sent: report.sent,
+        target_rate_per_s: args.rate_per_s,
+        send_rate_per_s: report.sent as f64 / elapsed_s.max(1e-9),
+        elapsed_s,
+        send_backoffs: report.backoffs,
+    };
+    if args.json {
+        eprint!("{}", summary.to_text());
+        println!("{}", summary.to_json());
+    } else {
+        print!("{}", summary.to_text());
+    }
+    Ok(summary)
+}
+
+/// Opens the sockets and sends, with the query probe running alongside when asked.
+fn send_phase(
+    args: &Args,
+    scenario: &Scenario,
+    seed: u64,
+) -> Result<(SendReport, Option<QueryStats>), Failure> {
+    let (sockets, sndbuf_bytes) = send::open_sockets(args.udp, usize::from(args.sockets))
+        .map_err(|e| Failure(format!("open udp sockets to {}: {e}", args.udp)))?;
+    let plan = SendPlan {
+        count: args.count(),
+        deadline: Instant::now() + args.duration(),
+        rate_per_s: args.rate_per_s,
+        batch: usize::from(args.batch),
+        threads: usize::from(args.threads),
+        seed,
+        order: args.order(),
+    };
+    describe_plan(args, &plan, sndbuf_bytes);
+    let progress = Progress::default();
+    let mut view = ProgressView::new(match plan.count {
+        Some(count) => Bound::Count(count),
+        None => Bound::Duration(args.duration()),
+    });
+    let done = AtomicBool::new(false);
+    let (report, queries) = std::thread::scope(|scope| {
+        let probe = args.query_every_ms.map(|ms| {
+            let (done, http) = (&done, args.http);
+            scope.spawn(move || {
+                let api = Api::new(http);
+                probe::run(&api, scenario, Duration::from_millis(ms), seed, done)
+            })
+        });
+        let report = send::run(scenario, sockets, &plan, &progress, || {
+            view.update(progress.sent.load(Ordering::Relaxed))
+        });
+        done.store(true, Ordering::Relaxed);
+        let queries = probe.map(|probe| probe.join().expect("the query probe does not panic"));
+        (report, queries)
+    });
+    view.finish();
+    Ok((report.map_err(Failure)?, queries))
 }
 
 fn run(args: &Args) -> Result<Summary, Failure> {
@@ -234,27 +359,7 @@ fn run(args: &Args) -> Result<Summary, Failure> {
     }
     let before = scrape::scrape(&api)?;
 
-    let (sockets, sndbuf_bytes) = send::open_sockets(args.udp, usize::from(args.sockets))
-        .map_err(|e| Failure(format!("open udp sockets to {}: {e}", args.udp)))?;
-    let plan = SendPlan {
-        count: args.count(),
-        deadline: Instant::now() + args.duration(),
-        rate_per_s: args.rate_per_s,
-        batch: usize::from(args.batch),
-        threads: usize::from(args.threads),
-        seed,
-    };
-    describe_plan(args, &plan, sndbuf_bytes);
-    let progress = Progress::default();
-    let mut view = ProgressView::new(match plan.count {
-        Some(count) => Bound::Count(count),
-        None => Bound::Duration(args.duration()),
-    });
-    let report = send::run(&scenario, sockets, &plan, &progress, || {
-        view.update(progress.sent.load(Ordering::Relaxed))
-    })
-    .map_err(Failure)?;
-    view.finish();
+    let (report, queries) = send_phase(args, &scenario, seed)?;
 
     let settled = scrape::settle(&api, &before, report.sent, SETTLE_TIMEOUT)?;
     let during = settled.counters.since(&before);
@@ -311,6 +416,7 @@ fn run(args: &Args) -> Result<Summary, Failure> {
         apps_checked: verification.apps_checked,
         apps_sampled: verification.sampled,
         wrong_answers: verification.wrong_answers,
+        queries,
     };
     if args.json {
         eprint!("{}", summary.to_text());
@@ -369,14 +475,63 @@ fn describe_plan(args: &Args, plan: &SendPlan, sndbuf_bytes: usize) {
         (Some(count), None) => format!("{count} datagrams"),
         (None, _) => format!("for {:.1} s", args.duration().as_secs_f64()),
     };
+    let order = match plan.order {
+        Order::Random => "",
+        Order::EachPairOnce => " (each (app, ip) pair once, app by app)",
+    };
     let rate = if plan.rate_per_s > 0.0 {
         format!("at {}/s", progress::si(plan.rate_per_s))
     } else {
         "unpaced".to_owned()
     };
     eprintln!(
-        "loadgen: sending {bound} to udp {} {rate}: sockets {}, sndbuf {sndbuf_bytes} bytes, \
-         threads {}, batch {}",
+        "loadgen: sending {bound}{order} to udp {} {rate}: sockets {}, sndbuf {sndbuf_bytes} \
+         bytes, threads {}, batch {}",
         args.udp, args.sockets, plan.threads, plan.batch
     );
+    if let Some(ms) = args.query_every_ms {
+        eprintln!("loadgen: querying a random app every {ms} ms while sending");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(flags: &str) -> Result<Args, String> {
+        let argv = std::iter::once("loadgen").chain(flags.split_whitespace());
+        let args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+        args.validate()?;
+        Ok(args)
+    }
+
+    #[test]
+    fn each_pair_once_counts_every_pair() {
+        let many = "--scenario many-apps --apps 1000 --good-ips 14 --bad-ips 2 --each-pair-once";
+        let parsed = args(many).unwrap();
+        assert_eq!(parsed.count(), Some(16_000));
+        assert_eq!(parsed.order(), Order::EachPairOnce);
+        // A duration bounds the run in time, but the count stays every pair.
+        let timed = args(&format!("{many} --duration 5")).unwrap();
+        assert_eq!(timed.count(), Some(16_000));
+        assert_eq!(
+            args(&format!("{many} --count 10")).unwrap().count(),
+            Some(10)
+        );
+        assert!(args(&format!("{many} --count 16001"))
+            .unwrap_err()
+            .contains("at most 16000"));
+        assert!(args("--each-pair-once")
+            .unwrap_err()
+            .contains("belongs to --scenario many-apps"));
+        assert_eq!(args("--scenario many-apps").unwrap().order(), Order::Random);
+    }
+
+    #[test]
+    fn send_only_takes_no_queries() {
+        assert!(args("--send-only --rate 0 --sockets 64 --count 10").is_ok());
+        assert!(args("--send-only --query-every-ms 2").is_err());
+        assert_eq!(args("--query-every-ms 2").unwrap().query_every_ms, Some(2));
+        assert!(args("--query-every-ms 0").is_err());
+    }
 }

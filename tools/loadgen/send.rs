@@ -5,6 +5,9 @@
 //! out and the same datagrams are offered again. The per-batch loop does not allocate: every
 //! buffer is sized once when the thread starts. What each thread sent is kept in a [`Tally`]
 //! of its own, merged when the threads are joined.
+//!
+//! Events are drawn at random, or, in [`Order::EachPairOnce`], every (app, ip) pair is sent
+//! exactly once: each thread walks its own contiguous range of pairs, app by app.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -51,6 +54,17 @@ pub struct SendPlan {
     pub batch: usize,
     pub threads: usize,
     pub seed: u64,
+    pub order: Order,
+}
+
+/// Which events the senders send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    /// Per datagram, an app uniformly, then one of its IPs uniformly.
+    Random,
+    /// Every (app, ip) pair once, app-major: pair `k` is IP `k % ips_per_app` of app
+    /// `k / ips_per_app`. The count must not exceed the number of pairs.
+    EachPairOnce,
 }
 
 /// What was sent for one app, kept in 16 bytes so that a million apps stay cheap.
@@ -217,6 +231,22 @@ fn share(total: u64, parts: usize, index: usize) -> u64 {
     total / parts + u64::from((index as u64) < total % parts)
 }
 
+/// Where thread `index`'s part of `total` starts when the parts are laid end to end in thread
+/// order, so that the threads' ranges of pairs neither overlap nor leave gaps.
+fn share_start(total: u64, parts: usize, index: usize) -> u64 {
+    let index = index as u64;
+    index * (total / parts as u64) + index.min(total % parts as u64)
+}
+
+/// The `pair`th (app, ip) pair in app-major order.
+fn pair_at(pair: u64, ips_per_app: usize) -> Pick {
+    let ips_per_app = ips_per_app as u64;
+    Pick {
+        app: u32::try_from(pair / ips_per_app).expect("apps are counted in u32"),
+        ip_index: (pair % ips_per_app) as u8,
+    }
+}
+
 /// Keeps a send loop at a steady rate against the monotonic clock. It sleeps only when ahead
 /// of schedule, so a sleep that overshoots is made up by the next batches, within
 /// [`MAX_LAG`].
@@ -262,6 +292,9 @@ struct Sender<'a> {
     sockets: Vec<UdpSocket>,
     /// Datagrams this thread is to send, or `None` for no bound but the deadline.
     count: Option<u64>,
+    order: Order,
+    /// In [`Order::EachPairOnce`], the first pair of this thread's range.
+    first_pair: u64,
     batch_len: usize,
     pacer: Pacer,
     rng: SmallRng,
@@ -295,6 +328,10 @@ impl<'a> Sender<'a> {
             scenario,
             sockets,
             count: plan.count.map(|count| share(count, plan.threads, index)),
+            order: plan.order,
+            first_pair: plan
+                .count
+                .map_or(0, |count| share_start(count, plan.threads, index)),
             batch_len,
             pacer: Pacer::new(rate_per_s),
             // Each thread draws its own stream; seed_from_u64 scrambles neighbouring seeds.
@@ -319,7 +356,7 @@ impl<'a> Sender<'a> {
             }
             let n = (self.batch_len as u64).min(remaining) as usize;
             self.pacer.wait_turn(n as u64, deadline);
-            self.pick(n);
+            self.pick(n, sent);
             self.encode();
             let outcome = offer(
                 &self.sockets[next_socket],
@@ -356,13 +393,21 @@ impl<'a> Sender<'a> {
         })
     }
 
-    /// Draws the next batch: an app uniformly, then one of its IPs uniformly. For the
-    /// reference scenario, whose apps all have the same IPs, that is a uniform draw from the
-    /// list of every (ip, app) pair.
-    fn pick(&mut self, n: usize) {
+    /// Chooses the next batch of `n`, after `sent` datagrams so far. At random: an app
+    /// uniformly, then one of its IPs uniformly; for the reference scenario, whose apps all
+    /// have the same IPs, that is a uniform draw from the list of every (ip, app) pair. Each
+    /// pair once: the next `n` pairs of this thread's range, since only taken datagrams
+    /// advance `sent`.
+    fn pick(&mut self, n: usize, sent: u64) {
         let apps = self.scenario.apps() as u32;
         let ips = self.scenario.ips_per_app() as u8;
         self.picks.clear();
+        if self.order == Order::EachPairOnce {
+            let first = self.first_pair + sent;
+            self.picks
+                .extend((first..first + n as u64).map(|pair| pair_at(pair, usize::from(ips))));
+            return;
+        }
         for _ in 0..n {
             self.picks.push(Pick {
                 app: self.rng.random_range(0..apps),
@@ -474,6 +519,53 @@ mod tests {
         }
         assert_eq!(share(10, 3, 0), 4);
         assert_eq!(share(10, 3, 2), 3);
+    }
+
+    #[test]
+    fn share_ranges_tile_the_total() {
+        for (total, parts) in [(10, 3), (0, 2), (1, 4), (16_000_000, 7), (5, 5)] {
+            let mut next = 0;
+            for i in 0..parts {
+                assert_eq!(share_start(total, parts, i), next, "{total} over {parts}");
+                next += share(total, parts, i);
+            }
+            assert_eq!(next, total);
+        }
+    }
+
+    #[test]
+    fn pairs_are_app_major() {
+        let picks: Vec<(u32, u8)> = (0..7)
+            .map(|k| pair_at(k, 3))
+            .map(|pick| (pick.app, pick.ip_index))
+            .collect();
+        assert_eq!(
+            picks,
+            [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)]
+        );
+    }
+
+    /// Every pair once over several threads: every app's tally holds each of its IPs once.
+    #[test]
+    fn each_pair_once_covers_every_pair() {
+        let (apps, ips, threads) = (50u64, 16usize, 3usize);
+        let total = apps * ips as u64;
+        let mut tally = Tally::new(apps as usize);
+        for index in 0..threads {
+            let first = share_start(total, threads, index);
+            for pair in first..first + share(total, threads, index) {
+                tally.record(pair_at(pair, ips));
+            }
+        }
+        for app in &tally.apps {
+            assert_eq!(
+                *app,
+                AppSent {
+                    events: ips as u64,
+                    ips_mask: (1 << ips) - 1
+                }
+            );
+        }
     }
 
     #[test]

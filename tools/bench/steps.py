@@ -1,0 +1,367 @@
+"""The five measurements. Each step starts the receivers it needs, drives them with loadgen,
+and returns plain results; the report is written elsewhere (sections.py).
+
+A step takes the benchmark's `Bench` (binaries, settings, loadgen, notes) as its first
+argument. Every receiver is started in a `with` block, so that it is stopped whatever happens.
+"""
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import report as fmt
+from plot import THRESHOLD_PERCENT
+
+# The largest receive buffer Linux grants: it stores twice the value asked in an int, so it
+# clamps any request above INT_MAX / 2. Asking for exactly this avoids a spurious "capped".
+CAPACITY_RCVBUF_BYTES = (1 << 30) - 1
+
+# Step 4 loads a million apps; growing the workers' tables takes pauses that a default 16 MiB
+# buffer may not cover at full rate. Kernel buffers are not part of the process's RSS.
+MEMORY_RCVBUF_BYTES = 256 << 20
+
+# The capacity step polls /metrics this often after SIGCONT, and gives up after the deadline
+# or when the received count has not moved for the stall time.
+DRAIN_POLL_S = 0.002
+DRAIN_DEADLINE_S = 60
+DRAIN_STALL_S = 2
+
+# A capacity row whose datagrams do not fit in the buffers is retried this many times, each
+# with half as many.
+CAPACITY_RETRIES = 3
+
+# The lossless search: start rate, doublings (or halvings) at most, bisection steps, and the
+# share of the offered rate below which the sender, not the receiver, is the limit.
+SEARCH_START_PER_S = 100_000
+SEARCH_MAX_STEPS = 12
+SEARCH_BISECTIONS = 4
+SENDER_LIMIT_SHARE = 0.95
+SEARCH_MIN_PER_S = 1_000
+
+# Step 4's apps: 14 good and 2 bad IPs each, 16 (app, ip) pairs.
+GOOD_IPS, BAD_IPS = 14, 2
+
+# A loadgen run bounded by its count rather than its duration may take this long to send
+# (loadgen's own limit); it normally takes far less, and the bound only guards against a hang.
+LOADGEN_MAX_S = 600
+
+STEERING_MODES = ("hash", "cpu", "random", "app")
+RECEIVERS = ("ipevents", "discard")
+
+
+def log(message):
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+# --- Step 1: receiver capacity -------------------------------------------------------------
+
+
+@dataclass
+class Drain:
+    """One capacity run: N datagrams queued in a stopped receiver, then drained."""
+
+    count: int
+    elapsed_s: float
+    # How fast loadgen queued the datagrams into the stopped receiver's sockets.
+    sent_per_s: float
+    drops: int
+    queued_bytes: int
+    busiest_share: float
+    complete: bool
+
+    @property
+    def events_per_s(self):
+        return self.count / self.elapsed_s if self.complete and self.drops == 0 else None
+
+
+def measure_drain(bench, receiver, count):
+    """Queues `count` datagrams in the stopped receiver, then times how fast it reads them."""
+    receiver.reset()
+    base = receiver.metrics()
+    summary, queued_bytes, drops = queue_while_stopped(bench, receiver, count)
+    started = time.monotonic()
+    receiver.resume()
+    counters, complete = wait_until_received(receiver, base, summary["sent"] - drops, started)
+    elapsed_s = time.monotonic() - started
+    busiest = max(counters.received_per_worker, default=0)
+    return Drain(count=summary["sent"], elapsed_s=elapsed_s,
+                 sent_per_s=summary["send_rate_per_s"], drops=drops, queued_bytes=queued_bytes,
+                 busiest_share=busiest / max(counters.received, 1), complete=complete)
+
+
+def queue_while_stopped(bench, receiver, count):
+    """Stops the receiver and sends; returns loadgen's summary, the bytes the kernel charged
+    for the queued datagrams and the datagrams it dropped. The receiver is left stopped unless
+    something failed."""
+    _, drops_before, _ = receiver.socket_queues()
+    receiver.pause()
+    try:
+        summary = bench.loadgen.run(receiver, "--send-only", "--rate", 0, "--sockets", 64,
+                                    "--count", count, bound_s=60)
+        # The kernel's own view of the sockets, readable while the receiver is stopped.
+        queued_bytes, drops_after, _ = receiver.socket_queues()
+    except BaseException:
+        receiver.resume()
+        raise
+    return summary, queued_bytes, drops_after - drops_before
+
+
+def wait_until_received(receiver, base, target, started):
+    """Polls /metrics until the receiver has read `target` datagrams since `base`; gives up at
+    the deadline or when the count stops moving. Returns the counters and whether it got
+    there."""
+    received, last_change = -1, started
+    while True:
+        counters = receiver.metrics().since(base)
+        now = time.monotonic()
+        if counters.received >= target:
+            return counters, True
+        if counters.received != received:
+            received, last_change = counters.received, now
+        if now - started > DRAIN_DEADLINE_S or now - last_change > DRAIN_STALL_S:
+            return counters, False
+        time.sleep(DRAIN_POLL_S)
+
+
+def capacity_configs(cores):
+    """(workers, steering) rows: one worker once (steering cannot matter), then every mode
+    with one worker per core."""
+    configs = [(1, "hash")]
+    if cores > 1:
+        configs += [(cores, mode) for mode in STEERING_MODES]
+    return configs
+
+
+def capacity_row(bench, kind, workers, steering):
+    """The runs of one row; lowers N when the buffers cannot hold it."""
+    settings = bench.settings
+    count = settings.capacity_count
+    drains = []
+    with bench.receiver(kind, "--workers", workers, "--steering", steering,
+                        "--rcvbuf", CAPACITY_RCVBUF_BYTES) as receiver:
+        bench.check_rcvbuf("capacity", receiver, CAPACITY_RCVBUF_BYTES)
+        for attempt in range(CAPACITY_RETRIES + 1):
+            drain = measure_drain(bench, receiver, count)
+            if drain.drops == 0 or attempt == CAPACITY_RETRIES:
+                break
+            bench.note("capacity", f"{kind} W={workers} {steering}: the kernel dropped "
+                                   f"{drain.drops} of {count} datagrams, so the buffers were too "
+                                   f"small; N lowered to {count // 2} for this row")
+            count //= 2
+        drains.append(drain)
+        for _ in range(settings.runs - 1):
+            drains.append(measure_drain(bench, receiver, count))
+    for drain in drains:
+        if drain.drops:
+            bench.note("capacity", f"{kind} W={workers} {steering}: {drain.drops} kernel drops "
+                                   "with N datagrams queued: the receive buffer was too small")
+        elif not drain.complete:
+            bench.note("capacity", f"{kind} W={workers} {steering}: only part of the "
+                                   f"{drain.count} datagrams arrived within the deadline")
+    shown = fmt.Figure([d.events_per_s for d in drains]).show(fmt.rate)
+    log(f"capacity {kind} W={workers} {steering}: {shown} events/s")
+    return drains
+
+
+def step_capacity(bench):
+    results = {}
+    for workers, steering in capacity_configs(bench.settings.cores):
+        for kind in RECEIVERS:
+            results[(kind, workers, steering)] = capacity_row(bench, kind, workers, steering)
+    return results
+
+
+# --- Step 2: lossless paced rate -----------------------------------------------------------
+
+
+@dataclass
+class Trial:
+    receiver: str
+    run: int
+    offered_per_s: float
+    achieved_per_s: float
+    loss_percent: float
+    threads: int
+
+    @property
+    def lossless(self):
+        return self.loss_percent <= THRESHOLD_PERCENT
+
+    @property
+    def sender_limited(self):
+        return self.achieved_per_s < SENDER_LIMIT_SHARE * self.offered_per_s
+
+
+@dataclass
+class Search:
+    trials: list = field(default_factory=list)
+
+    def best(self):
+        """The highest lossless rate, and whether the sender was the limit: the receiver lost
+        nothing at any rate tried and the sender fell short of one, so the receiver's own limit
+        is higher than the rate found."""
+        reached = [t.offered_per_s for t in self.trials if t.lossless and not t.sender_limited]
+        # A sender-limited trial without loss shows the receiver keeping up with what the
+        # sender achieved, which may be more than any rate it reached in full.
+        reached += [t.achieved_per_s for t in self.trials if t.lossless and t.sender_limited]
+        limited = (all(t.lossless for t in self.trials)
+                   and any(t.sender_limited for t in self.trials))
+        return max(reached, default=None), limited
+
+    def threads(self):
+        return max((t.threads for t in self.trials), default=1)
+
+
+def search_lossless(trial):
+    """Finds the highest lossless rate: doubles from the start rate until a trial loses (or
+    halves until one does not), then bisects. `trial(rate, threads)` returns a Trial."""
+    search = Search()
+
+    def run(rate, threads):
+        result = trial(round(rate, -3), threads)
+        search.trials.append(result)
+        return result
+
+    threads, low, high, rate = 1, None, None, SEARCH_START_PER_S
+    for _ in range(SEARCH_MAX_STEPS):
+        result = run(rate, threads)
+        if result.sender_limited and threads == 1:
+            # One sender thread may be what falls short; a second one is tried before the
+            # sender is declared the limit.
+            threads = 2
+            result = run(rate, threads)
+        if result.lossless:
+            low = rate
+        else:
+            high = rate
+        if result.sender_limited or (low is not None and high is not None):
+            break
+        rate = rate * 2 if result.lossless else rate / 2
+        if rate < SEARCH_MIN_PER_S:
+            break
+    for _ in range(SEARCH_BISECTIONS):
+        if low is None or high is None:
+            break
+        middle = (low + high) / 2
+        if run(middle, threads).lossless:
+            low = middle
+        else:
+            high = middle
+    return search
+
+
+def step_lossless(bench):
+    settings = bench.settings
+    searches = {kind: [] for kind in RECEIVERS}
+    for kind in RECEIVERS:
+        for run_index in range(settings.runs):
+            with bench.receiver(kind, "--workers", settings.cores) as receiver:
+                def trial(rate, threads):
+                    return lossless_trial(bench, receiver, kind, run_index, rate, threads)
+                search = search_lossless(trial)
+            rate, limited = search.best()
+            shown = fmt.rate(rate) if rate else "none"
+            log(f"lossless {kind} run {run_index + 1}: {shown}/s"
+                + (" (sender-limited)" if limited else ""))
+            searches[kind].append(search)
+    return searches
+
+
+def lossless_trial(bench, receiver, kind, run_index, rate, threads):
+    settings = bench.settings
+    # Low rates would take minutes to send the whole count; the duration bounds each trial.
+    duration_s = min(settings.search_max_s, 3 * settings.search_count / rate)
+    flags = ["--rate", rate, "--count", settings.search_count, "--duration", f"{duration_s:.1f}",
+             *sender_flags(threads)]
+    if kind == "discard":
+        flags.append("--no-verify")
+    summary = bench.loadgen.run(receiver, *flags, bound_s=duration_s)
+    result = Trial(receiver=kind, run=run_index, offered_per_s=rate,
+                   achieved_per_s=summary["send_rate_per_s"],
+                   loss_percent=summary["lost_percent"], threads=threads)
+    log(f"  trial {kind} {fmt.rate(rate)}/s x{threads}: achieved "
+        f"{fmt.rate(result.achieved_per_s)}/s, loss {result.loss_percent:.4f}%")
+    return result
+
+
+# --- Step 3: query latency -----------------------------------------------------------------
+
+
+def sender_flags(threads):
+    """The sender threads the lossless search needed, with a socket or more for each."""
+    return ["--threads", threads, "--sockets", max(8, threads)]
+
+
+def step_queries(bench, lossless_per_s, threads):
+    settings = bench.settings
+    apps = ["--scenario", "many-apps", "--apps", settings.query_apps, *sender_flags(threads)]
+    results = []
+    for _ in range(settings.runs):
+        with bench.receiver("ipevents", "--workers", settings.cores) as server:
+            load = bench.loadgen.run(server, *apps, "--count", settings.query_load_count,
+                                     "--rate", lossless_per_s, bound_s=LOADGEN_MAX_S)
+            # The same seed draws the same apps, so the queries ask about loaded apps.
+            probed = bench.loadgen.run(server, *apps, "--no-reset", "--no-verify",
+                                       "--rate", lossless_per_s / 2,
+                                       "--duration", settings.query_duration_s,
+                                       "--query-every-ms", 2, bound_s=settings.query_duration_s)
+        results.append({"load": load, "probed": probed, "queries": probed["queries"]})
+        queries = probed["queries"]
+        log(f"queries: {queries['count']} during the send, p50 {queries['p50_ms']} ms, "
+            f"p99 {queries['p99_ms']} ms, max {queries['max_ms']} ms")
+    return results
+
+
+# --- Step 4: memory ------------------------------------------------------------------------
+
+
+def step_memory(bench, lossless_per_s, threads):
+    settings = bench.settings
+    apps = settings.memory_apps
+    pairs = apps * (GOOD_IPS + BAD_IPS)
+    results = []
+    for _ in range(settings.runs):
+        with bench.receiver("ipevents", "--workers", settings.cores, "--max-apps", 2_000_000,
+                            "--rcvbuf", MEMORY_RCVBUF_BYTES) as server:
+            bench.check_rcvbuf("memory", server, MEMORY_RCVBUF_BYTES)
+            base = server.metrics()
+            before = server.rss_bytes()
+            bench.loadgen.run(server, "--scenario", "many-apps", "--apps", apps,
+                              "--good-ips", GOOD_IPS, "--bad-ips", BAD_IPS, "--each-pair-once",
+                              "--rate", lossless_per_s, *sender_flags(threads),
+                              bound_s=LOADGEN_MAX_S)
+            after = server.rss_bytes()
+            counters = server.metrics().since(base)
+            reset_s = server.timed_reset_s()
+            after_reset = server.rss_bytes()
+        stored = counters.ingested or 0
+        if stored != pairs:
+            bench.note("memory", f"the server stored {stored} of the {pairs} pairs sent "
+                                 f"({pairs - stored} lost); bytes per pair use the stored count")
+        grown = after - before
+        results.append(dict(before=before, after=after, after_reset=after_reset,
+                            reset_s=reset_s, stored=stored, entries=counters.apps_tracked,
+                            per_pair=grown / max(stored, 1), per_app=grown / apps))
+        log(f"memory: {fmt.size(grown)} for {stored} pairs: {grown / max(stored, 1):.1f} B/pair; "
+            f"DELETE /events {reset_s * 1000:.1f} ms")
+    return results
+
+
+# --- Step 5: the reference scenario at the load test's scale -------------------------------
+
+
+def step_reference(bench):
+    settings = bench.settings
+    results = []
+    for _ in range(settings.runs):
+        with bench.receiver("ipevents", "--workers", settings.cores) as server:
+            cpu_before, wall_before = server.cpu_s(), time.monotonic()
+            summary = bench.loadgen.run(server, "--scenario", "reference", "--rate", 33_000,
+                                        "--duration", settings.reference_duration_s,
+                                        bound_s=settings.reference_duration_s)
+            cpu_s = server.cpu_s() - cpu_before
+            wall_s = time.monotonic() - wall_before
+        results.append(dict(summary=summary, cpu_percent=100 * cpu_s / wall_s))
+        log(f"reference: sent {summary['sent']}, lost {summary['lost']}, "
+            f"CPU {100 * cpu_s / wall_s:.1f}% of a core")
+    return results
