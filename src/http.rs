@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -19,7 +19,7 @@ use crate::metrics;
 use crate::snapshot::SnapshotCounters;
 use crate::store::{Applied, Verdict};
 use crate::wire::{self, AppKey};
-use crate::worker::{as_nanos, new_histogram};
+use crate::worker::{as_nanos, new_histogram, Latencies};
 
 /// The largest body `POST /events` takes.
 pub const MAX_BODY_BYTES: usize = 4096;
@@ -178,7 +178,14 @@ pub struct Api {
     pub query_ns: Histogram<u64>,
     /// `DELETE /events` and `DELETE /events/{app_sha256}` latency, nanoseconds.
     pub reset_ns: Histogram<u64>,
+    /// The workers' merged histograms and when they were fetched.
+    worker_latencies: Option<(Instant, Latencies)>,
 }
+
+/// How old the workers' histograms in `/metrics` may be. Fetching them costs every worker a
+/// copy of its histograms, so a client polling `/metrics` in a tight loop must not make the
+/// workers copy on every request.
+const WORKER_LATENCIES_MAX_AGE: Duration = Duration::from_secs(1);
 
 impl Api {
     pub fn new(cluster: Cluster) -> Api {
@@ -190,6 +197,7 @@ impl Api {
             requests: BTreeMap::new(),
             query_ns: new_histogram(),
             reset_ns: new_histogram(),
+            worker_latencies: None,
         }
     }
 
@@ -213,6 +221,20 @@ impl Api {
 
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
+    }
+
+    /// The workers' merged latency histograms, fetched at most once per
+    /// [`WORKER_LATENCIES_MAX_AGE`]; `None` when a worker did not answer.
+    pub fn worker_latencies(&mut self) -> Option<Latencies> {
+        let fresh = self
+            .worker_latencies
+            .as_ref()
+            .is_some_and(|(fetched, _)| fetched.elapsed() < WORKER_LATENCIES_MAX_AGE);
+        if !fresh {
+            let stats = self.cluster.stats().ok()?;
+            self.worker_latencies = Some((Instant::now(), metrics::merge_latencies(&stats)));
+        }
+        self.worker_latencies.as_ref().map(|(_, latencies)| latencies.clone())
     }
 
     /// Answers one request and counts it by route and status.

@@ -51,7 +51,9 @@ impl Totals {
 }
 
 /// The text of `GET /metrics`.
-pub fn render(api: &Api) -> String {
+pub fn render(api: &mut Api) -> String {
+    let worker_latencies = api.worker_latencies();
+    let api = &*api;
     let cluster = api.cluster();
     let mut out = String::with_capacity(4096);
     let per_worker =
@@ -158,8 +160,7 @@ pub fn render(api: &Api) -> String {
 
     // Worker histograms come through the command channels; if a worker is slow to answer,
     // the counters above are still worth serving, so the summaries are left out instead.
-    if let Ok(stats) = cluster.stats() {
-        let latencies = merge_latencies(&stats);
+    if let Some(latencies) = &worker_latencies {
         summary(
             &mut out,
             "ingest_latency_seconds",

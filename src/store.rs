@@ -32,7 +32,9 @@ struct IpCount {
 #[derive(Debug)]
 enum IpSet {
     Flat(SmallVec<[IpCount; 2]>),
-    Map(HashMap<u32, u64>),
+    // Boxed, so that the rare large app does not make every app's entry as big as a map.
+    #[allow(clippy::box_collection)]
+    Map(Box<HashMap<u32, u64>>),
 }
 
 impl IpSet {
@@ -61,7 +63,7 @@ impl IpSet {
                 }
                 let mut map: HashMap<u32, u64> = ips.iter().map(|e| (e.ip, e.events)).collect();
                 map.insert(ip, events);
-                *self = IpSet::Map(map);
+                *self = IpSet::Map(Box::new(map));
                 true
             }
             IpSet::Map(ips) => {
@@ -616,8 +618,10 @@ mod tests {
     }
 
     #[test]
-    fn pair_is_twelve_bytes() {
+    fn sizes() {
+        // The units of memory: a pair, and the per-app state inside a table's slot.
         assert_eq!(std::mem::size_of::<IpCount>(), 12);
+        assert_eq!(std::mem::size_of::<AppState>(), 56);
     }
 
     mod prop {
