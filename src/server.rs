@@ -205,7 +205,13 @@ pub fn start(config: &Config) -> Result<Server, String> {
     let snapshot_counters = Arc::new(SnapshotCounters::default());
     let snapshotter = match &config.state {
         Some(path) => Some(Snapshotter::spawn(
-            Cluster::new(handles.clone(), budget.clone(), config.reply_timeout()),
+            // Workers copy their tables a slice at a time between batches, which takes seconds
+            // for millions of apps under load: give them the interval, and at least a minute.
+            Cluster::new(
+                handles.clone(),
+                budget.clone(),
+                config.snapshot_interval().max(std::time::Duration::from_secs(60)),
+            ),
             path.clone(),
             config.snapshot_interval(),
             snapshot_counters.clone(),
@@ -426,6 +432,11 @@ impl Snapshotter {
         let thread = thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
+                // Merging and writing a large state take seconds of CPU; under full load they
+                // wait for the workers, not the other way round.
+                if let Err(e) = socket::lower_thread_priority() {
+                    eprintln!("warning: snapshot thread keeps its priority: {e}");
+                }
                 while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(interval)
                 {

@@ -248,6 +248,20 @@ pub fn attach_steering(socket: &UdpSocket, steering: Steering, sockets: usize) -
     }
 }
 
+/// Gives the calling thread the lowest CPU priority (nice 19), for background work that must
+/// not take CPU from the workers.
+pub fn lower_thread_priority() -> io::Result<()> {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority on our own thread id with a valid priority only changes scheduling.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Datagrams the kernel dropped on this socket because its receive queue was full, from
 /// SO_MEMINFO. `Ok(None)` when the kernel does not report it.
 pub fn kernel_drops(socket: &impl AsRawFd) -> io::Result<Option<u64>> {

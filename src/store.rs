@@ -211,13 +211,20 @@ impl AppTable {
 
     /// A copy of every app, for the state file.
     pub fn records(&self) -> Vec<AppRecord> {
-        self.apps
-            .keys()
-            .map(|app| AppRecord {
-                app: *app,
-                partial: self.partial(app),
-            })
-            .collect()
+        self.apps.keys().filter_map(|app| self.record(app)).collect()
+    }
+
+    /// Every app's key, to copy the apps a few at a time.
+    pub fn keys(&self) -> Vec<AppKey> {
+        self.apps.keys().copied().collect()
+    }
+
+    /// A copy of one app, for the state file; `None` when it is gone.
+    pub fn record(&self, app: &AppKey) -> Option<AppRecord> {
+        self.apps.contains_key(app).then(|| AppRecord {
+            app: *app,
+            partial: self.partial(app),
+        })
     }
 
     /// Adds an app read from the state file, within the caps; returns false when the app

@@ -43,7 +43,8 @@ pub enum Command {
     },
     /// Copies of the latency histograms and the table's size.
     Stats { reply: Sender<WorkerStats> },
-    /// A copy of every app, for the state file. The worker copies; the caller does the I/O.
+    /// A copy of every app, for the state file. The worker copies a slice of apps between
+    /// batches, so that a large table does not stall ingestion; the caller does the I/O.
     Snapshot { reply: Sender<Vec<AppRecord>> },
     /// Drain the socket and stop.
     Shutdown,
@@ -152,6 +153,19 @@ pub struct WorkerStats {
     pub pairs: usize,
 }
 
+/// Apps a worker copies for a snapshot between two batches: about 50 µs of work, so that
+/// ingestion slows down while a snapshot is taken but never stops.
+const SNAPSHOT_SLICE_APPS: usize = 512;
+
+/// A snapshot being taken: the keys of the apps when it began, copied a slice at a time. An
+/// app created after it began waits for the next snapshot, and one reset away is left out.
+struct SnapshotJob {
+    keys: Vec<AppKey>,
+    next: usize,
+    records: Vec<AppRecord>,
+    reply: Sender<Vec<AppRecord>>,
+}
+
 /// What a worker hands back when it stops: its last stats and its table, for the state file.
 pub struct WorkerExit {
     pub stats: WorkerStats,
@@ -196,6 +210,7 @@ pub struct Worker {
     latencies: Latencies,
     readable: bool,
     last_error_log: Option<Instant>,
+    snapshot: Option<SnapshotJob>,
 }
 
 impl Worker {
@@ -225,6 +240,7 @@ impl Worker {
             latencies: Latencies::new(),
             readable: true,
             last_error_log: None,
+            snapshot: None,
         };
         let handle = WorkerHandle {
             id,
@@ -257,6 +273,12 @@ impl Worker {
             }
             if self.readable {
                 self.receive_batch();
+                self.copy_snapshot_slice();
+                continue;
+            }
+            if self.snapshot.is_some() {
+                // Idle, with a snapshot to finish: copy on instead of sleeping.
+                self.copy_snapshot_slice();
                 continue;
             }
             // The socket is drained and no command is waiting: sleep until either changes.
@@ -303,9 +325,32 @@ impl Worker {
                 let _ = reply.send(self.stats());
             }
             Command::Snapshot { reply } => {
-                let _ = reply.send(self.table.records());
+                // Copying the keys is the only stall: 32 bytes an app, a few milliseconds for
+                // a million. A snapshot still in progress was given up by its caller.
+                self.snapshot = Some(SnapshotJob {
+                    keys: self.table.keys(),
+                    next: 0,
+                    records: Vec::new(),
+                    reply,
+                });
             }
             Command::Shutdown => unreachable!("handled by the run loop"),
+        }
+    }
+
+    /// Copies the next slice of apps of the snapshot in progress, and sends it when complete.
+    fn copy_snapshot_slice(&mut self) {
+        let Some(job) = &mut self.snapshot else {
+            return;
+        };
+        let end = (job.next + SNAPSHOT_SLICE_APPS).min(job.keys.len());
+        for app in &job.keys[job.next..end] {
+            job.records.extend(self.table.record(app));
+        }
+        job.next = end;
+        if job.next == job.keys.len() {
+            let job = self.snapshot.take().expect("checked above");
+            let _ = job.reply.send(job.records);
         }
     }
 

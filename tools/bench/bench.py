@@ -99,6 +99,7 @@ class Bench:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.loadgen = Loadgen(self.binaries["loadgen"], settings.seed, self.logs / "loadgen.log")
         self.notes = {}
+        self.server_flags = ()
         self.load_at_start = os.getloadavg()[0]
 
     def note(self, step, text):
@@ -108,6 +109,8 @@ class Bench:
 
     def receiver(self, kind, *flags):
         binary = self.binaries["ipevents" if kind == "ipevents" else "discard"]
+        if kind == "ipevents":
+            flags = (*flags, *self.server_flags)
         return Receiver(binary, kind, flags, self.logs / f"{kind}.log")
 
     def check_rcvbuf(self, step, receiver, requested):
@@ -156,6 +159,14 @@ def parse_args(argv):
     parser.add_argument("--target-dir", default=None,
                         help="cargo's target directory [$CARGO_TARGET_DIR or target/]")
     parser.add_argument("--seed", type=int, default=1, help="loadgen's seed [1]")
+    parser.add_argument("--server-flag", action="append", default=[], metavar="FLAG",
+                        help="an extra flag for every ipevents started, e.g. "
+                             "--server-flag=--batch=256 (repeatable), for tuning runs")
+    parser.add_argument("--capacity-only", action="store_true",
+                        help="run step 1 (receiver capacity) only")
+    parser.add_argument("--memory-only", type=int, default=None, metavar="RATE",
+                        help="run step 4 (memory) only, writing at RATE datagrams/s with two "
+                             "sender threads")
     args = parser.parse_args(argv)
     if args.runs is not None and args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -238,9 +249,20 @@ def main(argv):
     for name, binary in bench.binaries.items():
         if not os.access(binary, os.X_OK):
             raise BenchError(f"no {name} binary at {binary}: build it, or drop --no-build")
+    bench.server_flags = tuple(args.server_flag)
     log(f"{settings.cores} cores, {settings.runs} run(s) per figure, output in {bench.out}")
-    results = run_steps(bench)
-    text = write_report(bench, command, started, report_sections(bench, results))
+    if args.memory_only:
+        memory = steps.step_memory(bench, args.memory_only, 2)
+        section = (sections.memory_section(bench, memory, args.memory_only)
+                   + sections.notes(bench, "memory"))
+        text = write_report(bench, command, started, [section])
+    elif args.capacity_only:
+        capacity = steps.step_capacity(bench)
+        section = sections.capacity_section(bench, capacity) + sections.notes(bench, "capacity")
+        text = write_report(bench, command, started, [section])
+    else:
+        results = run_steps(bench)
+        text = write_report(bench, command, started, report_sections(bench, results))
     print(text, end="")
 
 
