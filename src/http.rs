@@ -234,7 +234,9 @@ impl Api {
             let stats = self.cluster.stats().ok()?;
             self.worker_latencies = Some((Instant::now(), metrics::merge_latencies(&stats)));
         }
-        self.worker_latencies.as_ref().map(|(_, latencies)| latencies.clone())
+        self.worker_latencies
+            .as_ref()
+            .map(|(_, latencies)| latencies.clone())
     }
 
     /// Answers one request and counts it by route and status.

@@ -210,7 +210,9 @@ pub fn start(config: &Config) -> Result<Server, String> {
             Cluster::new(
                 handles.clone(),
                 budget.clone(),
-                config.snapshot_interval().max(std::time::Duration::from_secs(60)),
+                config
+                    .snapshot_interval()
+                    .max(std::time::Duration::from_secs(60)),
             ),
             path.clone(),
             config.snapshot_interval(),

@@ -211,7 +211,10 @@ impl AppTable {
 
     /// A copy of every app, for the state file.
     pub fn records(&self) -> Vec<AppRecord> {
-        self.apps.keys().filter_map(|app| self.record(app)).collect()
+        self.apps
+            .keys()
+            .filter_map(|app| self.record(app))
+            .collect()
     }
 
     /// Every app's key, to copy the apps a few at a time.

@@ -55,14 +55,21 @@ fn operator_mistakes_get_one_line_and_a_failing_exit() {
     let udp = udp_taken.local_addr().unwrap().to_string();
     let http = http_taken.local_addr().unwrap().to_string();
     // A state path that cannot be read (a directory), and one whose directory does not exist.
-    let state_dir = std::env::temp_dir().join(format!("ipevents-it-{}-unreadable", std::process::id()));
+    let state_dir =
+        std::env::temp_dir().join(format!("ipevents-it-{}-unreadable", std::process::id()));
     std::fs::create_dir_all(&state_dir).unwrap();
     let unreadable = state_dir.to_str().unwrap().to_owned();
     let nowhere = state_dir.join("missing/state").to_str().unwrap().to_owned();
     let loopback = ["--udp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--no-pin"];
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        ([&loopback[..], &["--state", &unreadable]].concat(), "cannot read it"),
-        ([&loopback[..], &["--state", &nowhere]].concat(), "cannot write beside it"),
+        (
+            [&loopback[..], &["--state", &unreadable]].concat(),
+            "cannot read it",
+        ),
+        (
+            [&loopback[..], &["--state", &nowhere]].concat(),
+            "cannot write beside it",
+        ),
         (
             vec!["--udp", &udp, "--http", "127.0.0.1:0", "--no-pin"],
             "bind udp",
