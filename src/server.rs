@@ -70,6 +70,16 @@ pub struct Server {
     lifecycle_tx: Sender<Lifecycle>,
 }
 
+/// Calls `handle` on a thread of its own for every SIGINT and SIGTERM.
+pub fn on_stop_signals(handle: impl Fn(i32) + Send + 'static) -> io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || signals.forever().for_each(handle))?;
+    Ok(())
+}
+
 /// How many workers to run, and the cores to pin them to (none when unpinned). More
 /// pinned workers than cores is an operator mistake.
 pub fn plan_workers(requested: Option<u16>, pin: bool) -> Result<(usize, Vec<CoreId>), String> {
@@ -265,17 +275,10 @@ pub fn start(config: &Config) -> Result<Server, String> {
 impl Server {
     /// Forwards SIGINT and SIGTERM to [`Server::wait`].
     pub fn forward_signals(&self) -> io::Result<()> {
-        use signal_hook::consts::{SIGINT, SIGTERM};
-        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
         let lifecycle = self.lifecycle_tx.clone();
-        thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                for signal in signals.forever() {
-                    let _ = lifecycle.send(Lifecycle::Signal(signal));
-                }
-            })?;
-        Ok(())
+        on_stop_signals(move |signal| {
+            let _ = lifecycle.send(Lifecycle::Signal(signal));
+        })
     }
 
     /// A sender for lifecycle messages, for embedding the server (tests use it to stop it).

@@ -238,6 +238,20 @@ pub fn labelled_metric(text: &str, name: &str, label: &str) -> Option<u64> {
     })
 }
 
+/// Asserts that `/metrics` text counts `want(reason)` invalid datagrams for every reason.
+#[track_caller]
+pub fn check_invalid_counts(metrics: &str, want: impl Fn(&str) -> u64) {
+    for reason in ipevents::wire::Reject::ALL.map(|r| r.as_str()) {
+        let label = format!("reason=\"{reason}\"");
+        let got = labelled_metric(metrics, "ipevents_datagrams_invalid_total", &label);
+        assert_eq!(
+            got,
+            Some(want(reason)),
+            "invalid datagrams with reason {reason}"
+        );
+    }
+}
+
 pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,

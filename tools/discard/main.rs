@@ -198,16 +198,9 @@ fn run(args: &Args) -> Result<(), String> {
 }
 
 fn forward_signals(lifecycle: Sender<Lifecycle>) -> io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
-    thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for signal in signals.forever() {
-                let _ = lifecycle.send(Lifecycle::Signal(signal));
-            }
-        })?;
-    Ok(())
+    server::on_stop_signals(move |signal| {
+        let _ = lifecycle.send(Lifecycle::Signal(signal));
+    })
 }
 
 /// One receiving thread: a socket of the group, its poll and its counter.
