@@ -281,11 +281,6 @@ impl Server {
         })
     }
 
-    /// A sender for lifecycle messages, for embedding the server (tests use it to stop it).
-    pub fn lifecycle_sender(&self) -> Sender<Lifecycle> {
-        self.lifecycle_tx.clone()
-    }
-
     /// Blocks until something needs the main thread.
     pub fn wait(&self) -> Lifecycle {
         self.lifecycle

@@ -41,7 +41,7 @@ pub enum Command {
         event: Event,
         reply: Sender<Applied>,
     },
-    /// Copies of the latency histograms and the table's size.
+    /// Copies of the latency histograms.
     Stats { reply: Sender<WorkerStats> },
     /// A copy of every app, for the state file. The worker copies a slice of apps between
     /// batches, so that a large table does not stall ingestion; the caller does the I/O.
@@ -149,8 +149,6 @@ pub fn new_histogram() -> Histogram<u64> {
 #[derive(Clone, Debug)]
 pub struct WorkerStats {
     pub latencies: Latencies,
-    pub apps: usize,
-    pub pairs: usize,
 }
 
 /// Apps a worker copies for a snapshot between two batches: about 50 µs of work, so that
@@ -357,8 +355,6 @@ impl Worker {
     fn stats(&self) -> WorkerStats {
         WorkerStats {
             latencies: self.latencies.clone(),
-            apps: self.table.len(),
-            pairs: self.table.pairs(),
         }
     }
 
