@@ -92,51 +92,43 @@ pub fn render(api: &mut Api) -> String {
     );
 
     let totals = Totals::of(cluster);
-    family(
+    labelled(
         &mut out,
         "datagrams_invalid_total",
         "counter",
         "Datagrams dropped as invalid, by reason.",
+        "reason",
+        Reject::ALL.map(|r| (r.as_str(), totals.invalid[r.index()])),
     );
-    for reason in Reject::ALL {
-        let _ = writeln!(
-            out,
-            "{NAMESPACE}_datagrams_invalid_total{{reason=\"{}\"}} {}",
-            reason.as_str(),
-            totals.invalid[reason.index()]
-        );
-    }
-    family(
+    labelled(
         &mut out,
         "events_dropped_total",
         "counter",
         "Valid events not counted because the server was at --max-apps.",
+        "cause",
+        [("max_apps", totals.app_cap_drops)],
     );
-    let _ = writeln!(
-        out,
-        "{NAMESPACE}_events_dropped_total{{cause=\"max_apps\"}} {}",
-        totals.app_cap_drops
-    );
-    family(
+    single(
         &mut out,
         "ips_not_stored_total",
         "counter",
         "Events counted whose new IP was not stored because the app was at --max-ips-per-app.",
+        totals.ip_cap_drops,
     );
-    let _ = writeln!(
-        out,
-        "{NAMESPACE}_ips_not_stored_total {}",
-        totals.ip_cap_drops
-    );
-    family(
+    single(
         &mut out,
         "apps_tracked",
         "gauge",
         "App entries held by the workers; an app seen by k workers counts k times.",
+        cluster.app_entries(),
     );
-    let _ = writeln!(out, "{NAMESPACE}_apps_tracked {}", cluster.app_entries());
-    family(&mut out, "workers", "gauge", "Ingest workers.");
-    let _ = writeln!(out, "{NAMESPACE}_workers {}", workers.len());
+    single(
+        &mut out,
+        "workers",
+        "gauge",
+        "Ingest workers.",
+        workers.len(),
+    );
 
     if let Some(snapshots) = &api.snapshots {
         snapshot_metrics(&mut out, snapshots);
@@ -190,83 +182,78 @@ pub fn render(api: &mut Api) -> String {
 }
 
 fn gate_metrics(out: &mut String, gate: &GateCounters) {
-    family(
-        out,
-        "http_connections_open",
-        "gauge",
-        "Open client connections to the HTTP port.",
-    );
-    let _ = writeln!(
-        out,
-        "{NAMESPACE}_http_connections_open {}",
-        gate.open_connections.load(Ordering::Relaxed)
-    );
-    family(
-        out,
-        "http_connections_total",
-        "counter",
-        "Client connections accepted.",
-    );
-    let _ = writeln!(
-        out,
-        "{NAMESPACE}_http_connections_total {}",
-        gate.accepted.load(Ordering::Relaxed)
-    );
-    family(
+    let open = gate.open_connections.load(Ordering::Relaxed);
+    let help = "Open client connections to the HTTP port.";
+    single(out, "http_connections_open", "gauge", help, open);
+    let accepted = gate.accepted.load(Ordering::Relaxed);
+    let help = "Client connections accepted.";
+    single(out, "http_connections_total", "counter", help, accepted);
+    labelled(
         out,
         "http_refused_total",
         "counter",
         "Requests or connections refused at the gate, by reason.",
+        "reason",
+        Refusal::ALL.map(|r| (r.as_str(), gate.refused(r))),
     );
-    for refusal in Refusal::ALL {
-        let _ = writeln!(
-            out,
-            "{NAMESPACE}_http_refused_total{{reason=\"{}\"}} {}",
-            refusal.as_str(),
-            gate.refused(refusal)
-        );
-    }
 }
 
 fn snapshot_metrics(out: &mut String, snapshots: &SnapshotCounters) {
     let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-    family(
+    let help = "State file snapshots written while running.";
+    single(
         out,
         "snapshots_total",
         "counter",
-        "State file snapshots written while running.",
+        help,
+        get(&snapshots.taken),
     );
-    let _ = writeln!(out, "{NAMESPACE}_snapshots_total {}", get(&snapshots.taken));
-    family(
+    let help = "State file snapshots that failed.";
+    single(
         out,
         "snapshot_failures_total",
         "counter",
-        "State file snapshots that failed.",
+        help,
+        get(&snapshots.failed),
     );
-    let _ = writeln!(
-        out,
-        "{NAMESPACE}_snapshot_failures_total {}",
-        get(&snapshots.failed)
-    );
-    family(
+    let help = "Apps in the last snapshot.";
+    single(
         out,
         "snapshot_last_apps",
         "gauge",
-        "Apps in the last snapshot.",
+        help,
+        get(&snapshots.last_apps),
     );
-    let _ = writeln!(
-        out,
-        "{NAMESPACE}_snapshot_last_apps {}",
-        get(&snapshots.last_apps)
-    );
-    family(
+    let seconds = get(&snapshots.last_duration_ns) as f64 / 1e9;
+    let help = "Time the last snapshot took: copy, merge and write.";
+    single(
         out,
         "snapshot_last_seconds",
         "gauge",
-        "Time the last snapshot took: copy, merge and write.",
+        help,
+        format!("{seconds:.6}"),
     );
-    let seconds = get(&snapshots.last_duration_ns) as f64 / 1e9;
-    let _ = writeln!(out, "{NAMESPACE}_snapshot_last_seconds {seconds:.6}");
+}
+
+/// A metric family with one sample and no labels.
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{NAMESPACE}_{name} {value}");
+}
+
+/// A metric family with one sample per value of one label.
+fn labelled<'a>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    label: &str,
+    samples: impl IntoIterator<Item = (&'a str, u64)>,
+) {
+    family(out, name, kind, help);
+    for (value, count) in samples {
+        let _ = writeln!(out, "{NAMESPACE}_{name}{{{label}=\"{value}\"}} {count}");
+    }
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
