@@ -295,12 +295,7 @@ fn send_only(args: &Args) -> Result<SendSummary, Failure> {
         elapsed_s,
         send_backoffs: report.backoffs,
     };
-    if args.json {
-        eprint!("{}", summary.to_text());
-        println!("{}", summary.to_json());
-    } else {
-        print!("{}", summary.to_text());
-    }
+    print_summary(args.json, &summary.to_text(), &summary.to_json());
     Ok(summary)
 }
 
@@ -418,12 +413,7 @@ fn run(args: &Args) -> Result<Summary, Failure> {
         wrong_answers: verification.wrong_answers,
         queries,
     };
-    if args.json {
-        eprint!("{}", summary.to_text());
-        println!("{}", summary.to_json());
-    } else {
-        print!("{}", summary.to_text());
-    }
+    print_summary(args.json, &summary.to_text(), &summary.to_json());
     Ok(summary)
 }
 
@@ -533,5 +523,16 @@ mod tests {
         assert!(args("--send-only --query-every-ms 2").is_err());
         assert_eq!(args("--query-every-ms 2").unwrap().query_every_ms, Some(2));
         assert!(args("--query-every-ms 0").is_err());
+    }
+}
+
+/// Prints a summary: the text on stdout, or with `--json` the JSON object on stdout and the
+/// text on stderr, so that scripts read one line and people still see the text.
+fn print_summary(json: bool, text: &str, json_line: &str) {
+    if json {
+        eprint!("{text}");
+        println!("{json_line}");
+    } else {
+        print!("{text}");
     }
 }
