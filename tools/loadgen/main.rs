@@ -484,6 +484,17 @@ fn describe_plan(args: &Args, plan: &SendPlan, sndbuf_bytes: usize) {
     }
 }
 
+/// Prints a summary: the text on stdout, or with `--json` the JSON object on stdout and the
+/// text on stderr, so that scripts read one line and people still see the text.
+fn print_summary(json: bool, text: &str, json_line: &str) {
+    if json {
+        eprint!("{text}");
+        println!("{json_line}");
+    } else {
+        print!("{text}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -523,16 +534,5 @@ mod tests {
         assert!(args("--send-only --query-every-ms 2").is_err());
         assert_eq!(args("--query-every-ms 2").unwrap().query_every_ms, Some(2));
         assert!(args("--query-every-ms 0").is_err());
-    }
-}
-
-/// Prints a summary: the text on stdout, or with `--json` the JSON object on stdout and the
-/// text on stderr, so that scripts read one line and people still see the text.
-fn print_summary(json: bool, text: &str, json_line: &str) {
-    if json {
-        eprint!("{text}");
-        println!("{json_line}");
-    } else {
-        print!("{text}");
     }
 }
