@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
-use crate::store::{self, AppBudget, AppRecord, Applied, Verdict};
+use crate::store::{self, AppBudget, AppRecord, AppTable, Applied, Partial, Verdict};
 use crate::wire::{AppKey, Event};
 use crate::worker::{Command, WorkerHandle, WorkerStats};
 
@@ -61,8 +61,17 @@ impl Cluster {
 
     /// The server's answer for `app`: every worker's partial answer, merged and classified.
     pub fn query(&self, app: AppKey) -> Result<Verdict, Unavailable> {
-        let partials = self.ask_all(|reply| Command::Query { app, reply })?;
-        Ok(store::classify(&store::merge_partials(partials)))
+        Ok(store::classify(&store::merge_partials(self.partials(app)?)))
+    }
+
+    /// Every worker's partial answer for `app`, each after draining its socket.
+    pub fn partials(&self, app: AppKey) -> Result<Vec<Partial>, Unavailable> {
+        self.ask_all(|reply| Command::Query { app, reply })
+    }
+
+    /// Every worker's table, each worker carrying on with an empty one.
+    pub fn take_tables(&self) -> Result<Vec<AppTable>, Unavailable> {
+        self.ask_all(|reply| Command::TakeTable { reply })
     }
 
     /// Forgets every app on every worker, including datagrams queued before the reset.

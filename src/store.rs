@@ -261,6 +261,27 @@ impl AppTable {
         removed
     }
 
+    /// Hands over every app and leaves this table empty, with the same caps and budget: O(1),
+    /// the old table's memory moves with it.
+    pub fn take(&mut self) -> AppTable {
+        let empty = AppTable::new(self.limits, self.budget.clone());
+        std::mem::replace(self, empty)
+    }
+
+    /// Every app, consuming the table; the app budget is given back at once.
+    pub fn into_records(mut self) -> impl Iterator<Item = AppRecord> {
+        let apps = std::mem::take(&mut self.apps);
+        self.budget.give_back(apps.len());
+        apps.into_iter().map(|(app, state)| AppRecord {
+            app,
+            partial: Partial {
+                events: state.events,
+                ips: state.ips.to_vec(),
+                ips_truncated: state.ips_truncated,
+            },
+        })
+    }
+
     /// Forgets every app and returns the memory to the allocator.
     pub fn clear(&mut self) {
         self.budget.give_back(self.apps.len());
@@ -326,6 +347,77 @@ impl Drop for AppTable {
     }
 }
 
+/// Events taken from the workers' tables and not yet in the shared store (cluster mode): per
+/// app, the sum of what the workers counted. Bounded in (app, ip) pairs by its owner.
+#[derive(Clone, Debug, Default)]
+pub struct Deltas {
+    apps: HashMap<AppKey, Partial>,
+    pairs: usize,
+}
+
+impl Deltas {
+    /// Adds a worker's table, app by app, while the deltas hold at most `max_pairs` pairs;
+    /// returns the events of the apps that did not fit, which are dropped.
+    pub fn add_table(&mut self, table: AppTable, max_pairs: usize) -> u64 {
+        let mut dropped_events = 0u64;
+        for record in table.into_records() {
+            let existing = self.apps.get(&record.app);
+            let new_pairs = match existing {
+                None => record.partial.ips.len(),
+                Some(existing) => record
+                    .partial
+                    .ips
+                    .iter()
+                    .filter(|(ip, _)| existing.ips.binary_search_by_key(ip, |&(i, _)| i).is_err())
+                    .count(),
+            };
+            if self.pairs + new_pairs > max_pairs {
+                dropped_events = dropped_events.saturating_add(record.partial.events);
+                continue;
+            }
+            self.pairs += new_pairs;
+            let slot = self.apps.entry(record.app).or_default();
+            let mut partial = record.partial;
+            partial.ips.sort_unstable();
+            *slot = merge_partials([std::mem::take(slot), partial]);
+        }
+        dropped_events
+    }
+
+    /// The deltas of one app, IPs in ascending order.
+    pub fn get(&self, app: &AppKey) -> Option<&Partial> {
+        self.apps.get(app)
+    }
+
+    /// Forgets one app; returns whether it was held.
+    pub fn remove(&mut self, app: &AppKey) -> bool {
+        match self.apps.remove(app) {
+            Some(partial) => {
+                self.pairs -= partial.ips.len();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&AppKey, &Partial)> {
+        self.apps.iter()
+    }
+
+    /// Distinct (app, ip) pairs held.
+    pub fn pairs(&self) -> usize {
+        self.pairs
+    }
+
+    pub fn apps(&self) -> usize {
+        self.apps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.apps.is_empty()
+    }
+}
+
 /// One app's whole state, as the state file holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AppRecord {
@@ -370,6 +462,30 @@ pub fn merge_partials(partials: impl IntoIterator<Item = Partial>) -> Partial {
     }
     Partial {
         events,
+        ips: merged.into_iter().collect(),
+        ips_truncated,
+    }
+}
+
+/// Adds `extra` to `base` as the shared store does: IPs that `base` holds always add up, new
+/// ones only while the answer holds fewer than `max_ips`; the events count either way. Both
+/// partials' IPs must be in ascending order, as `merge_partials` leaves them.
+pub fn add_capped(base: Partial, extra: Partial, max_ips: usize) -> Partial {
+    let mut ips_truncated = base.ips_truncated || extra.ips_truncated;
+    let mut stored = base.ips.len();
+    let mut merged: BTreeMap<u32, u64> = base.ips.into_iter().collect();
+    for (ip, events) in extra.ips {
+        if let Some(count) = merged.get_mut(&ip) {
+            *count = count.saturating_add(events);
+        } else if stored < max_ips {
+            merged.insert(ip, events);
+            stored += 1;
+        } else {
+            ips_truncated = true;
+        }
+    }
+    Partial {
+        events: base.events.saturating_add(extra.events),
         ips: merged.into_iter().collect(),
         ips_truncated,
     }
@@ -625,6 +741,70 @@ mod tests {
         );
         assert!(!small.restore(&records.iter().find(|r| r.app == app(2)).unwrap().clone()));
         assert_eq!(small.check_invariants(), Ok(()));
+    }
+
+    #[test]
+    fn add_capped_keeps_the_base_ips_first() {
+        let base = Partial {
+            events: 5,
+            ips: vec![(9, 3), (20, 2)],
+            ips_truncated: false,
+        };
+        let extra = Partial {
+            events: 4,
+            ips: vec![(1, 1), (9, 1), (30, 2)],
+            ips_truncated: false,
+        };
+        let cases = [
+            (2, vec![(9, 4), (20, 2)], true),
+            (3, vec![(1, 1), (9, 4), (20, 2)], true),
+            (4, vec![(1, 1), (9, 4), (20, 2), (30, 2)], false),
+        ];
+        for (max_ips, ips, ips_truncated) in cases {
+            let want = Partial {
+                events: 9,
+                ips,
+                ips_truncated,
+            };
+            assert_eq!(
+                add_capped(base.clone(), extra.clone(), max_ips),
+                want,
+                "max {max_ips}"
+            );
+        }
+    }
+
+    #[test]
+    fn deltas_add_tables_within_the_pair_cap() {
+        let mut deltas = Deltas::default();
+        let mut worker = table(10, 10);
+        for ip in [1, 2, 1] {
+            worker.apply(Event { app: app(1), ip });
+        }
+        worker.apply(Event { app: app(2), ip: 7 });
+        let taken = worker.take();
+        assert!(worker.is_empty());
+        assert_eq!(deltas.add_table(taken, 10), 0);
+        assert_eq!((deltas.apps(), deltas.pairs()), (2, 3));
+        // Known IPs of known apps always fit; a new pair past the cap drops its app's events.
+        worker.apply(Event { app: app(1), ip: 2 });
+        worker.apply(Event { app: app(3), ip: 1 });
+        worker.apply(Event { app: app(3), ip: 2 });
+        assert_eq!(deltas.add_table(worker.take(), 3), 2);
+        assert_eq!(deltas.pairs(), 3);
+        assert_eq!(
+            deltas.get(&app(1)),
+            Some(&Partial {
+                events: 4,
+                ips: vec![(1, 2), (2, 2)],
+                ips_truncated: false
+            })
+        );
+        assert_eq!(deltas.get(&app(3)), None);
+        assert!(deltas.remove(&app(1)));
+        assert_eq!((deltas.apps(), deltas.pairs()), (1, 1));
+        // Taking and consuming tables gives their app budget back.
+        assert_eq!(worker.check_invariants(), Ok(()));
     }
 
     #[test]

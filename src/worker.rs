@@ -46,6 +46,9 @@ pub enum Command {
     /// A copy of every app, for the state file. The worker copies a slice of apps between
     /// batches, so that a large table does not stall ingestion; the caller does the I/O.
     Snapshot { reply: Sender<Vec<AppRecord>> },
+    /// Hand over the table and carry on with an empty one (cluster mode: the flusher takes
+    /// what the worker counted since the last time). O(1) for the worker.
+    TakeTable { reply: Sender<AppTable> },
     /// Drain the socket and stop.
     Shutdown,
 }
@@ -322,6 +325,10 @@ impl Worker {
             }
             Command::Stats { reply } => {
                 let _ = reply.send(self.stats());
+            }
+            Command::TakeTable { reply } => {
+                // A snapshot in progress copies from the new table; cluster mode has none.
+                let _ = reply.send(self.table.take());
             }
             Command::Snapshot { reply } => {
                 // Copying the keys is the only stall: 32 bytes an app, 17 to 32 ms for a
