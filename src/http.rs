@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::backend::Backend;
 use crate::cluster::{Cluster, Unavailable};
 use crate::gate::GateCounters;
 use crate::metrics;
@@ -163,10 +164,10 @@ impl From<&Verdict> for AppAnswer {
     }
 }
 
-/// The state of the HTTP thread: the cluster, and the request counts and latencies that only
+/// The state of the HTTP thread: the backend, and the request counts and latencies that only
 /// this thread writes.
 pub struct Api {
-    cluster: Cluster,
+    backend: Backend,
     /// When set, DELETE and POST need `Authorization: Bearer <token>`.
     admin_token: Option<Vec<u8>>,
     /// The snapshot thread's counters, when there is a state file.
@@ -188,9 +189,9 @@ pub struct Api {
 const WORKER_LATENCIES_MAX_AGE: Duration = Duration::from_secs(1);
 
 impl Api {
-    pub fn new(cluster: Cluster) -> Api {
+    pub fn new(backend: Backend) -> Api {
         Api {
-            cluster,
+            backend,
             admin_token: None,
             snapshots: None,
             gate: None,
@@ -220,7 +221,11 @@ impl Api {
     }
 
     pub fn cluster(&self) -> &Cluster {
-        &self.cluster
+        self.backend.workers()
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
     }
 
     /// The workers' merged latency histograms, fetched at most once per
@@ -231,7 +236,7 @@ impl Api {
             .as_ref()
             .is_some_and(|(fetched, _)| fetched.elapsed() < WORKER_LATENCIES_MAX_AGE);
         if !fresh {
-            let stats = self.cluster.stats().ok()?;
+            let stats = self.cluster().stats().ok()?;
             self.worker_latencies = Some((Instant::now(), metrics::merge_latencies(&stats)));
         }
         self.worker_latencies
@@ -273,12 +278,15 @@ impl Api {
         }
         match (route, method) {
             (Route::Unknown, _) => ApiResponse::error(404, format!("no route for {path}")),
-            (Route::Healthz, "GET") => ApiResponse::text(200, "text/plain", "ok"),
+            (Route::Healthz, "GET") => match self.backend.unhealthy() {
+                None => ApiResponse::text(200, "text/plain", "ok"),
+                Some(problem) => ApiResponse::text(503, "text/plain", problem),
+            },
             (Route::Metrics, "GET") => {
                 let text = metrics::render(self);
                 ApiResponse::text(200, "text/plain; version=0.0.4", text)
             }
-            (Route::Events, "DELETE") => match self.cluster.reset_all() {
+            (Route::Events, "DELETE") => match self.backend.reset_all() {
                 Ok(()) => ApiResponse::no_content(),
                 Err(e) => ApiResponse::unavailable(e),
             },
@@ -288,7 +296,7 @@ impl Api {
                     return ApiResponse::error(400, "app_sha256 must be 64 hex digits");
                 };
                 if method == "DELETE" {
-                    return match self.cluster.reset_app(app) {
+                    return match self.backend.reset_app(app) {
                         Ok(()) => ApiResponse::no_content(),
                         Err(e) => ApiResponse::unavailable(e),
                     };
@@ -299,7 +307,7 @@ impl Api {
                         "this resource is only available as application/json",
                     );
                 }
-                match self.cluster.query(app) {
+                match self.backend.query(app) {
                     Ok(verdict) => ApiResponse::json(200, &AppAnswer::from(&verdict)),
                     Err(e) => ApiResponse::unavailable(e),
                 }
@@ -348,7 +356,7 @@ impl Api {
                 return ApiResponse::error(400, format!("invalid IpEvent: {}", reason.as_str()))
             }
         };
-        match self.cluster.apply(event) {
+        match self.backend.apply(event) {
             Ok(Applied::Stored | Applied::IpDropped) => ApiResponse::no_content(),
             Ok(Applied::AppDropped) => {
                 ApiResponse::error(507, "the server is at its --max-apps limit")

@@ -10,6 +10,9 @@
 //! - [`socket`]: socket set-up, recvmmsg/sendmmsg, steering, kernel counters (all the unsafe).
 //! - [`worker`]: the per-core mio loop and the commands it takes.
 //! - [`cluster`]: fan-out of commands to the workers, with a bounded wait.
+//! - [`redis_store`]: cluster mode's shared store: key layout, functions, commands.
+//! - [`flusher`]: cluster mode's node: unflushed deltas, the flusher thread, store queries.
+//! - [`backend`]: where answers come from, standalone or cluster mode; the API's one seam.
 //! - [`gate`]: the public HTTP listener, which bounds connections, time and bytes per client.
 //! - [`http`]: the REST API.
 //! - [`metrics`]: `/metrics` text and the shutdown report.
@@ -17,11 +20,14 @@
 //! - [`config`] and [`server`]: the command line and the lifecycle.
 #![deny(unsafe_code)]
 
+pub mod backend;
 pub mod cluster;
 pub mod config;
+pub mod flusher;
 pub mod gate;
 pub mod http;
 pub mod metrics;
+pub mod redis_store;
 pub mod server;
 pub mod snapshot;
 pub mod socket;

@@ -83,7 +83,11 @@ impl Harness {
             handles.push(handle);
         }
         Harness {
-            api: Api::new(Cluster::new(handles, budget, REPLY_TIMEOUT))
+            api: Api::new(ipevents::backend::Backend::Standalone(Cluster::new(
+                handles,
+                budget,
+                REPLY_TIMEOUT,
+            )))
                 .with_admin_token(Some(ADMIN_TOKEN)),
             apps: HashMap::new(),
             known: false,

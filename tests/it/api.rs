@@ -244,7 +244,7 @@ fn a_silent_worker_gives_503_not_a_hang() {
     let (_silent_worker, handle) =
         ipevents::worker::Worker::new(0, sockets.into_iter().next().unwrap(), table, 8).unwrap();
     let cluster = ipevents::cluster::Cluster::new(vec![handle], budget, Duration::from_millis(50));
-    let mut api = ipevents::http::Api::new(cluster);
+    let mut api = ipevents::http::Api::new(ipevents::backend::Backend::Standalone(cluster));
     for (method, url, body) in [
         ("GET", format!("/events/{SHA}"), vec![]),
         ("DELETE", "/events".to_owned(), vec![]),
