@@ -90,9 +90,36 @@ pub struct Config {
     #[arg(long, default_value_t = 10_000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub http_timeout_ms: u64,
 
-    /// How long an HTTP request waits for the workers before answering 503, in milliseconds.
+    /// How long an HTTP request waits for the workers (and in cluster mode for the store)
+    /// before answering 503, in milliseconds.
     #[arg(long, default_value_t = 2000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub reply_timeout_ms: u64,
+
+    /// Cluster mode: seed nodes of the Redis Cluster that holds the fleet's counts,
+    /// `redis://HOST:PORT`, comma-separated. A password goes in the URL
+    /// (`redis://:PASSWORD@HOST:PORT`) or, better, in IPEVENTS_REDIS_PASSWORD; it is never
+    /// printed. Without this flag the server runs standalone.
+    #[arg(long, value_name = "URL[,URL...]", value_delimiter = ',')]
+    pub redis_cluster: Vec<String>,
+
+    /// Cluster mode: this node's name, unique in the fleet; a restart with the same name
+    /// continues without counting anything twice [default: host name and UDP port].
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<String>,
+
+    /// Cluster mode: how often the node writes its deltas to the store, in milliseconds; the
+    /// bound on how stale another node's view of this node's events is.
+    #[arg(long, default_value_t = 200, value_name = "MS", value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub flush_interval_ms: u64,
+
+    /// Cluster mode: the prefix of every key, so that deployments can share one cluster.
+    #[arg(long, default_value = "ipevents", value_name = "PREFIX")]
+    pub redis_prefix: String,
+
+    /// Cluster mode: distinct (app, ip) deltas the node keeps unwritten while the store is
+    /// unreachable (about 100 bytes each); past it, events are dropped and counted.
+    #[arg(long, default_value_t = 4_000_000, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_pending_pairs: u64,
 }
 
 impl Config {
@@ -114,4 +141,54 @@ impl Config {
     pub fn snapshot_interval(&self) -> Duration {
         Duration::from_secs(self.snapshot_interval)
     }
+
+    /// Whether the counts live in a Redis Cluster.
+    pub fn cluster_mode(&self) -> bool {
+        !self.redis_cluster.is_empty()
+    }
+
+    /// How to reach the store; `udp_port` is the port the node got, for its default name.
+    pub fn store_settings(&self, udp_port: u16) -> crate::redis_store::StoreSettings {
+        crate::redis_store::StoreSettings {
+            seeds: self.redis_cluster.clone(),
+            password: std::env::var("IPEVENTS_REDIS_PASSWORD")
+                .ok()
+                .filter(|p| !p.is_empty()),
+            prefix: self.redis_prefix.clone(),
+            node_id: self
+                .node_id
+                .clone()
+                .unwrap_or_else(|| default_node_id(udp_port)),
+            // A query drains the workers, then makes one read that may be tried twice (a new
+            // connection after a broken one), and must answer within --reply-timeout-ms.
+            timeout: self.reply_timeout() / 4,
+        }
+    }
+
+    pub fn node_settings(&self) -> crate::flusher::NodeSettings {
+        crate::flusher::NodeSettings {
+            flush_interval: Duration::from_millis(self.flush_interval_ms),
+            max_pending_pairs: usize::try_from(self.max_pending_pairs).unwrap_or(usize::MAX),
+            max_ips_per_app: usize::try_from(self.max_ips_per_app).unwrap_or(usize::MAX),
+            shutdown_flush_limit: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The host name and the UDP port, in the characters a node id may hold.
+fn default_node_id(udp_port: u16) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let host = if host.is_empty() { "node".into() } else { host };
+    format!("{host}-{udp_port}")
 }

@@ -8,8 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use hdrhistogram::Histogram;
 
 use crate::cluster::Cluster;
+use crate::flusher::StoreCounters;
 use crate::gate::{GateCounters, Refusal};
 use crate::http::Api;
+use crate::redis_store::StoreErrorKind;
 use crate::snapshot::SnapshotCounters;
 use crate::wire::Reject;
 use crate::worker::{Counters, Latencies, WorkerStats};
@@ -104,9 +106,13 @@ pub fn render(api: &mut Api) -> String {
         &mut out,
         "events_dropped_total",
         "counter",
-        "Valid events not counted because the server was at --max-apps.",
+        "Valid events not counted: the server was at --max-apps, or (cluster mode) the \
+         unwritten deltas were at --max-pending-pairs.",
         "cause",
-        [("max_apps", totals.app_cap_drops)],
+        [
+            ("max_apps", totals.app_cap_drops),
+            ("store_backlog", store_backlog_drops(api)),
+        ],
     );
     single(
         &mut out,
@@ -132,6 +138,9 @@ pub fn render(api: &mut Api) -> String {
 
     if let Some(snapshots) = &api.snapshots {
         snapshot_metrics(&mut out, snapshots);
+    }
+    if let Some(node) = api.backend().node() {
+        store_metrics(&mut out, &node.counters);
     }
     if let Some(gate) = &api.gate {
         gate_metrics(&mut out, gate);
@@ -195,6 +204,91 @@ fn gate_metrics(out: &mut String, gate: &GateCounters) {
         "Requests or connections refused at the gate, by reason.",
         "reason",
         Refusal::ALL.map(|r| (r.as_str(), gate.refused(r))),
+    );
+}
+
+fn store_metrics(out: &mut String, counters: &StoreCounters) {
+    let get = StoreCounters::get;
+    let help = "Flushes of this node's deltas that the store took.";
+    single(
+        out,
+        "store_flushes_total",
+        "counter",
+        help,
+        get(&counters.flushes),
+    );
+    labelled(
+        out,
+        "store_flush_errors_total",
+        "counter",
+        "Flushes that failed and are retried, by kind of failure.",
+        "kind",
+        StoreErrorKind::ALL.map(|k| (k.as_str(), get(&counters.flush_errors[k.index()]))),
+    );
+    labelled(
+        out,
+        "store_request_errors_total",
+        "counter",
+        "Queries and resets that failed because of the store, by kind of failure.",
+        "kind",
+        StoreErrorKind::ALL.map(|k| (k.as_str(), get(&counters.request_errors[k.index()]))),
+    );
+    let help = "App deltas written to the store.";
+    single(
+        out,
+        "store_apps_flushed_total",
+        "counter",
+        help,
+        get(&counters.apps_flushed),
+    );
+    let help = "(app, ip) deltas written to the store.";
+    single(
+        out,
+        "store_pairs_flushed_total",
+        "counter",
+        help,
+        get(&counters.pairs_flushed),
+    );
+    let help =
+        "App deltas of retried flushes that the store had already applied (not counted twice).";
+    let duplicates = get(&counters.duplicate_apps);
+    single(
+        out,
+        "store_duplicate_apps_total",
+        "counter",
+        help,
+        duplicates,
+    );
+    let help = "App deltas the store refused because the app was reset after they were taken.";
+    single(
+        out,
+        "store_stale_apps_total",
+        "counter",
+        help,
+        get(&counters.stale_apps),
+    );
+    let help = "(app, ip) deltas taken from the workers and not yet in the store.";
+    single(
+        out,
+        "store_pending_pairs",
+        "gauge",
+        help,
+        get(&counters.pending_pairs),
+    );
+    let up = u8::from(counters.store_up.load(Ordering::Relaxed));
+    let help = "Whether the store answered this node's last request (1) or not (0).";
+    single(out, "store_up", "gauge", help, up);
+    summary(
+        out,
+        "store_round_trip_seconds",
+        "Round trip of a query's or a reset's request to the store.",
+        &StoreCounters::histogram(&counters.round_trip_ns),
+    );
+    summary(
+        out,
+        "store_flush_seconds",
+        "One flush: taking the workers' tables, merging them and writing them.",
+        &StoreCounters::histogram(&counters.flush_ns),
     );
 }
 
@@ -281,6 +375,12 @@ pub fn merge_latencies(stats: &[WorkerStats]) -> Latencies {
     merged
 }
 
+fn store_backlog_drops(api: &Api) -> u64 {
+    api.backend()
+        .node()
+        .map_or(0, |node| StoreCounters::get(&node.counters.backlog_drops))
+}
+
 /// The report printed at shutdown: totals, then one percentile table per histogram.
 pub fn report(totals: &Totals, latencies: &Latencies, api: &Api) -> String {
     let mut out = String::new();
@@ -299,17 +399,35 @@ pub fn report(totals: &Totals, latencies: &Latencies, api: &Api) -> String {
         "dropped at --max-apps: {}, ips not stored at --max-ips-per-app: {}",
         totals.app_cap_drops, totals.ip_cap_drops
     );
+    let mut histograms = vec![
+        ("ingest", latencies.ingest_ns.clone()),
+        ("batch", latencies.batch_ns.clone()),
+        ("query", api.query_ns.clone()),
+        ("reset", api.reset_ns.clone()),
+    ];
+    if let Some(node) = api.backend().node() {
+        let c = &node.counters;
+        let get = StoreCounters::get;
+        let _ = writeln!(
+            out,
+            "store: flushes {}, flush errors {}, apps flushed {}, pairs flushed {}, pending pairs {}, \
+             dropped at --max-pending-pairs {}",
+            get(&c.flushes),
+            c.flush_errors.iter().map(get).sum::<u64>(),
+            get(&c.apps_flushed),
+            get(&c.pairs_flushed),
+            get(&c.pending_pairs),
+            get(&c.backlog_drops)
+        );
+        histograms.push(("store rtt", StoreCounters::histogram(&c.round_trip_ns)));
+        histograms.push(("flush", StoreCounters::histogram(&c.flush_ns)));
+    }
     let _ = writeln!(
         out,
         "{:<10} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
         "latency", "p50", "p90", "p99", "p99.9", "max", "count"
     );
-    for (name, histogram) in [
-        ("ingest", &latencies.ingest_ns),
-        ("batch", &latencies.batch_ns),
-        ("query", &api.query_ns),
-        ("reset", &api.reset_ns),
-    ] {
+    for (name, histogram) in &histograms {
         let mut row = format!("{name:<10}");
         for q in QUANTILES {
             let _ = write!(row, " {:>12}", format_ns(histogram.value_at_quantile(q)));

@@ -14,8 +14,10 @@ use crossbeam_channel::{Receiver, Sender};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::backend::Backend;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::flusher::{self, Flusher, FlusherThread, StoreView};
 use crate::gate::{Gate, GateCounters};
 use crate::http::{self, Api};
 use crate::metrics::{self, Totals};
@@ -54,6 +56,9 @@ pub struct Server {
     pub http_addr: SocketAddr,
     pub rcvbuf: Rcvbuf,
     pub workers: usize,
+    /// Cluster mode's name of this node; `None` standalone.
+    pub node_id: Option<String>,
+    flusher: Option<FlusherThread>,
     /// Apps restored from the state file, and apps left out because of --max-apps.
     pub restored_apps: usize,
     pub unrestored_apps: usize,
@@ -138,6 +143,13 @@ pub fn bind_http(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), String> 
 
 /// Binds everything and starts the threads. Errors name the step that failed.
 pub fn start(config: &Config) -> Result<Server, String> {
+    if config.cluster_mode() && config.state.is_some() {
+        return Err(
+            "--state and --redis-cluster do not go together: in cluster mode the cluster holds \
+             the durable state"
+                .into(),
+        );
+    }
     let (workers, cores) = plan_workers(config.workers, !config.no_pin)?;
     let records = load_state(config)?;
     let UdpGroup {
@@ -146,6 +158,11 @@ pub fn start(config: &Config) -> Result<Server, String> {
         rcvbuf,
     } = bind_udp_group(config.udp, workers, config.rcvbuf, config.steering)?;
     let (listener, http_addr) = bind_http(config.http)?;
+    let store_settings = config.store_settings(udp_addr.port());
+    let connected = match config.cluster_mode() {
+        true => Some(flusher::connect(&store_settings, config.node_settings())?),
+        false => None,
+    };
     // tiny_http listens on a Unix socket in a directory only this user can enter; the public
     // port belongs to the gate, which bounds what each client can make the server hold.
     let private_dir = tempfile::Builder::new()
@@ -230,7 +247,31 @@ pub fn start(config: &Config) -> Result<Server, String> {
         )?),
         None => None,
     };
-    let api = Api::new(Cluster::new(handles, budget, config.reply_timeout()))
+    let workers_view = Cluster::new(handles.clone(), budget.clone(), config.reply_timeout());
+    let (backend, flusher) = match connected {
+        None => (Backend::Standalone(workers_view), None),
+        Some(connected) => {
+            let epoch = connected.node.epoch();
+            let janitor = flusher::spawn_janitor(connected.janitor_store, &connected.node, epoch)?;
+            let flusher = Flusher::new(
+                connected.node.clone(),
+                connected.flusher_store,
+                Cluster::new(handles, budget, config.reply_timeout()),
+            )
+            .spawn()?;
+            let view = Box::new(StoreView::new(
+                connected.node,
+                connected.view_store,
+                janitor,
+            ));
+            let backend = Backend::Shared {
+                workers: workers_view,
+                view,
+            };
+            (backend, Some(flusher))
+        }
+    };
+    let api = Api::new(backend)
         .with_admin_token(config.admin_token.as_deref())
         .with_snapshots(config.state.is_some().then_some(snapshot_counters))
         .with_gate(gate_counters);
@@ -257,6 +298,8 @@ pub fn start(config: &Config) -> Result<Server, String> {
         http_addr,
         rcvbuf,
         workers,
+        node_id: config.cluster_mode().then_some(store_settings.node_id),
+        flusher,
         restored_apps,
         unrestored_apps,
         worker_threads,
@@ -305,12 +348,19 @@ impl Server {
         if let Some(snapshotter) = self.snapshotter.take() {
             snapshotter.stop();
         }
+        let flusher = self.flusher.take().map(FlusherThread::stop).transpose()?;
         for worker in api.cluster().workers() {
             let _ = worker.send(Command::Shutdown);
         }
         let mut exits = Vec::with_capacity(self.worker_threads.len());
         for id in 0..self.worker_threads.len() {
             exits.push(self.join_worker(id)?);
+        }
+        if let Some(flusher) = flusher {
+            // The workers have drained their sockets; what they hold goes to the store.
+            let tables = exits.iter_mut().map(|exit| exit.table.take()).collect();
+            flusher.finish(tables)?;
+            log::info!("flushed every pending delta to the store");
         }
         if let Some(path) = &self.state {
             let records = snapshot::merge_records(exits.iter().map(|exit| exit.table.records()));
@@ -505,8 +555,17 @@ pub fn run(config: &Config) -> Result<(), String> {
             }
         );
     }
+    let store = match &server.node_id {
+        Some(node_id) => format!(
+            "store=redis-cluster node_id={node_id} seeds={}",
+            config
+                .store_settings(server.udp_addr.port())
+                .seeds_display()
+        ),
+        None => "store=memory".to_owned(),
+    };
     eprintln!(
-        "ipevents: listening udp={} http={} workers={} steering={} rcvbuf_bytes={} batch={}",
+        "ipevents: listening udp={} http={} workers={} steering={} rcvbuf_bytes={} batch={} {store}",
         server.udp_addr,
         server.http_addr,
         server.workers,
