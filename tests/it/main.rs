@@ -3,9 +3,11 @@
 
 mod abuse;
 mod api;
+mod cluster_mode;
 mod hostile;
 mod ingest;
 mod lifecycle;
+mod redis_cluster;
 mod regressions;
 mod restart;
 mod support;
