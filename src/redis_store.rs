@@ -11,8 +11,10 @@
 //! - `P:resets`: a stream of per-app resets (`DELETE /events/{sha}`), capped in length.
 //! - `P:node:ID:incarnation`: a counter each start of node `ID` increments.
 //! - `P:eE:{SHA}:ips`: hash of IP (4 bytes, big-endian) to events.
-//! - `P:eE:{SHA}:meta`: hash of `n` (events), `t` (IPs were dropped at the cap), `r` (the
-//!   reset that last cleared the app) and `s:ID` (the last flush of node `ID` applied).
+//! - `P:eE:{SHA}:meta`: hash of `n` (events), `t` (IPs were dropped at the cap) and `r` (the
+//!   reset that last cleared the app).
+//! - `P:seq:{TAG}:ID`: the last flush of node `ID` applied to the slot of `TAG`, a short tag
+//!   chosen per slot (one key per node and slot, whatever the number of apps).
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -24,45 +26,65 @@ use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisError, Valu
 use crate::store::{Deltas, Partial};
 use crate::wire::AppKey;
 
-/// The Redis Functions library. `ipevents_apply` applies one app's share of one flush unless
-/// that node's flush was already applied to the app (a retry) or the app was reset after the
-/// flush was taken (a stale write); `ipevents_reset_app` clears one app and leaves the reset's
-/// id behind, so that such stale writes can be told apart.
+/// The Redis Functions library. `ipevents_apply_v1` applies one node's flush for the apps of
+/// one slot, atomically, unless the slot already has that flush (a retry); it refuses the
+/// share of an app reset after the flush was taken (a stale write). `ipevents_reset_app_v1`
+/// clears one app and leaves the reset's id behind, so that such stale writes can be told
+/// apart. Keeping the node's last flush per slot, not per app, keeps the store's memory per
+/// app independent of how many nodes saw the app.
 const FUNCTIONS: &str = r#"#!lua name=ipevents_v1
--- keys: the app's IP hash, the app's meta hash.
--- args: node, flush seq, resets seen, max IPs, events, truncated (0 or 1), then IP, events pairs.
 -- Seqs and reset ids are fixed-width decimal strings, so that they compare as strings.
+
+-- One node's flush for the apps of one slot, applied whole or not at all.
+-- keys: the node's seq key for the slot, then each app's IP hash and meta hash.
+-- args: flush seq, resets seen, max IPs, then per app: events, truncated (0 or 1), IP count,
+-- then that many IP, events pairs.
+-- Returns {apps applied, apps refused as reset after the flush was taken, pairs applied}, or
+-- {-1, 0, 0} when the slot already has this flush (a retry).
 local function apply(keys, args)
-  local ips, meta = keys[1], keys[2]
-  local node_field = 's:' .. args[1]
-  local seq = args[2]
-  local applied = redis.call('HGET', meta, node_field)
+  local seq, seen, max_ips = args[1], args[2], tonumber(args[3])
+  local applied = redis.call('GET', keys[1])
   if applied and applied >= seq then
-    return 0
+    return {-1, 0, 0}
   end
-  local reset = redis.call('HGET', meta, 'r')
-  if reset and reset > args[3] then
-    return -1
-  end
-  local max_ips = tonumber(args[4])
-  redis.call('HINCRBY', meta, 'n', args[5])
-  local truncated = args[6] == '1'
-  local stored = redis.call('HLEN', ips)
-  for i = 7, #args, 2 do
-    if redis.call('HEXISTS', ips, args[i]) == 1 then
-      redis.call('HINCRBY', ips, args[i], args[i + 1])
-    elseif stored < max_ips then
-      redis.call('HSET', ips, args[i], args[i + 1])
-      stored = stored + 1
+  local done, stale, pairs = 0, 0, 0
+  local a = 4
+  for k = 2, #keys, 2 do
+    local ips, meta = keys[k], keys[k + 1]
+    local events, truncated, count = args[a], args[a + 1] == '1', tonumber(args[a + 2])
+    local first, last = a + 3, a + 2 + 2 * count
+    a = last + 1
+    local reset = redis.call('HGET', meta, 'r')
+    if reset and reset > seen then
+      stale = stale + 1
     else
-      truncated = true
+      redis.call('HINCRBY', meta, 'n', events)
+      local stored = redis.call('HLEN', ips)
+      if stored + count <= max_ips then
+        for i = first, last, 2 do
+          redis.call('HINCRBY', ips, args[i], args[i + 1])
+        end
+      else
+        for i = first, last, 2 do
+          if redis.call('HEXISTS', ips, args[i]) == 1 then
+            redis.call('HINCRBY', ips, args[i], args[i + 1])
+          elseif stored < max_ips then
+            redis.call('HSET', ips, args[i], args[i + 1])
+            stored = stored + 1
+          else
+            truncated = true
+          end
+        end
+      end
+      if truncated then
+        redis.call('HSET', meta, 't', '1')
+      end
+      done = done + 1
+      pairs = pairs + count
     end
   end
-  if truncated then
-    redis.call('HSET', meta, 't', '1')
-  end
-  redis.call('HSET', meta, node_field, seq)
-  return 1
+  redis.call('SET', keys[1], seq)
+  return {done, stale, pairs}
 end
 
 -- keys: the app's IP hash, the app's meta hash. args: the reset's id.
@@ -77,8 +99,9 @@ redis.register_function('ipevents_apply_v1', apply)
 redis.register_function('ipevents_reset_app_v1', reset_app)
 "#;
 
-/// How many apps one round of a flush carries, split into one pipeline per primary.
-const APPS_PER_PIPELINE: usize = 512;
+/// How many (app, ip) pairs one round of a flush carries at most (one slot's apps are never
+/// split), sent as one pipeline per primary.
+const PAIRS_PER_ROUND: usize = 16_384;
 
 /// How many per-app resets the stream keeps (about 100 bytes each): a node that was away for
 /// more per-app resets than this misses the oldest of them.
@@ -138,7 +161,7 @@ pub struct Changes {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StoredApp {
     pub partial: Partial,
-    /// The last flush of this node applied to the app.
+    /// The last flush of this node applied to the app's slot.
     pub applied: Option<String>,
 }
 
@@ -321,6 +344,11 @@ impl Keys {
         format!("{}:node:{node}:incarnation", self.prefix)
     }
 
+    /// The key of node `node`'s last flush applied to `slot`.
+    fn seq(&self, slot: u16, node: &str) -> String {
+        format!("{}:seq:{{{}}}:{node}", self.prefix, slot_tag(slot))
+    }
+
     fn probe(&self, node: &str) -> String {
         format!("{}:probe:{node}", self.prefix)
     }
@@ -357,6 +385,42 @@ fn slot_of(key: &[u8]) -> u16 {
         (close > 0).then(|| &rest[..close])
     });
     crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(key)) % 16384
+}
+
+/// A short string that hashes to `slot`: the first of `0`, `1`, `2`, ... (in base 36) that does.
+/// Every node computes the same table.
+fn slot_tag(slot: u16) -> &'static str {
+    static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let mut tags = vec![String::new(); 16384];
+        let mut missing = tags.len();
+        let mut n: u64 = 0;
+        while missing > 0 {
+            let tag = base36(n);
+            let slot = usize::from(slot_of(tag.as_bytes()));
+            if tags[slot].is_empty() {
+                tags[slot] = tag;
+                missing -= 1;
+            }
+            n += 1;
+        }
+        tags
+    });
+    &tags[usize::from(slot)]
+}
+
+fn base36(mut n: u64) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut digits = Vec::new();
+    loop {
+        digits.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    digits.reverse();
+    String::from_utf8(digits).expect("ASCII digits")
 }
 
 /// Which primary serves which slot.
@@ -447,6 +511,8 @@ pub struct RedisStore {
     /// Empty after a redirection or a broken connection: the next batch learns it again.
     slots: SlotMap,
     connections: HashMap<(String, u16), redis::Connection>,
+    /// A flush met a primary without the functions: load them before the retry.
+    functions_missing: bool,
     /// The seeds' and every primary's addresses seen, to learn the slot map from.
     known: Vec<(String, u16)>,
 }
@@ -473,6 +539,7 @@ impl RedisStore {
             },
             slots: SlotMap::default(),
             connections: HashMap::new(),
+            functions_missing: false,
             known,
         })
     }
@@ -784,8 +851,11 @@ impl RedisStore {
             read_ips.arg(ips);
             let mut read_meta = redis::cmd("HGETALL");
             read_meta.arg(meta);
+            let mut read_seq = redis::cmd("GET");
+            read_seq.arg(self.keys.seq(slot, &self.settings.node_id));
             commands.push((slot, read_ips));
             commands.push((slot, read_meta));
+            commands.push((slot, read_seq));
         }
         let fail = |e: RedisError| StoreError::from_redis("read", &e);
         let mut values = Vec::with_capacity(commands.len());
@@ -820,15 +890,18 @@ impl RedisStore {
                     decode("read", values.next().expect("a reply per command"))?;
                 let meta: Vec<(String, String)> =
                     decode("read", values.next().expect("a reply per command"))?;
-                Some(stored_app(&self.settings.node_id, ips, meta))
+                let applied: Option<String> =
+                    decode("read", values.next().expect("a reply per command"))?;
+                Some(stored_app(ips, meta, applied))
             }
         };
         Ok((changes, stored))
     }
 
     /// Writes one flush: for each app, its events and IPs, applied at most once however
-    /// often the flush is retried, and refused for apps reset after `resets_seen`. A failed
-    /// write may have applied part of the flush; the retry applies the rest.
+    /// often the flush is retried, and refused for apps reset after `resets_seen`. The apps of
+    /// one slot go in one function call, applied whole or not at all; a failed write may have
+    /// applied some slots, and the retry applies the rest.
     pub fn apply(
         &mut self,
         epoch: u64,
@@ -840,54 +913,86 @@ impl RedisStore {
         let node = self.settings.node_id.clone();
         let seq = seq.padded();
         let seen = resets_seen.padded();
+        let mut by_slot: HashMap<u16, Vec<(&AppKey, &Partial)>> = HashMap::new();
+        for (app, partial) in deltas.iter() {
+            by_slot
+                .entry(slot_of(app.to_hex().as_bytes()))
+                .or_default()
+                .push((app, partial));
+        }
         let mut outcome = FlushOutcome::default();
-        let apps: Vec<(&AppKey, &Partial)> = deltas.iter().collect();
-        for chunk in apps.chunks(APPS_PER_PIPELINE) {
-            let commands: Vec<(u16, redis::Cmd)> = chunk
+        let mut groups: Vec<(u16, Vec<(&AppKey, &Partial)>)> = by_slot.into_iter().collect();
+        while !groups.is_empty() {
+            // One round: whole slots, up to PAIRS_PER_ROUND pairs (at least one slot).
+            let mut pairs = 0;
+            let mut take = 0;
+            for (_, apps) in groups.iter().rev() {
+                let group_pairs: usize = apps.iter().map(|(_, p)| p.ips.len().max(1)).sum();
+                if take > 0 && pairs + group_pairs > PAIRS_PER_ROUND {
+                    break;
+                }
+                pairs += group_pairs;
+                take += 1;
+            }
+            let round = groups.split_off(groups.len() - take);
+            let commands: Vec<(u16, redis::Cmd)> = round
                 .iter()
-                .map(|(app, partial)| {
-                    let (ips, meta) = self.keys.app(epoch, app);
-                    let slot = slot_of(ips.as_bytes());
+                .map(|(slot, apps)| {
                     let mut command = redis::cmd("FCALL");
                     command
                         .arg("ipevents_apply_v1")
-                        .arg(2)
-                        .arg(ips)
-                        .arg(meta)
-                        .arg(&node)
-                        .arg(&seq)
-                        .arg(&seen)
-                        .arg(max_ips_per_app)
-                        .arg(partial.events)
-                        .arg(u8::from(partial.ips_truncated));
-                    for &(ip, events) in &partial.ips {
-                        command.arg(&ip.to_be_bytes()[..]).arg(events);
+                        .arg(1 + 2 * apps.len())
+                        .arg(self.keys.seq(*slot, &node));
+                    for (app, _) in apps {
+                        let (ips, meta) = self.keys.app(epoch, app);
+                        command.arg(ips).arg(meta);
                     }
-                    (slot, command)
+                    command.arg(&seq).arg(&seen).arg(max_ips_per_app);
+                    for (_, partial) in apps {
+                        command
+                            .arg(partial.events)
+                            .arg(u8::from(partial.ips_truncated))
+                            .arg(partial.ips.len());
+                        for &(ip, events) in &partial.ips {
+                            command.arg(&ip.to_be_bytes()[..]).arg(events);
+                        }
+                    }
+                    (*slot, command)
                 })
                 .collect();
             let replies = self.batch("write a flush", &commands)?;
-            for ((_, partial), reply) in chunk.iter().zip(replies) {
-                match reply {
-                    Ok(Value::Int(1)) => {
-                        outcome.apps += 1;
-                        outcome.pairs += partial.ips.len() as u64;
+            for ((_, apps), reply) in round.iter().zip(replies) {
+                let answer = reply.map_err(|e| {
+                    if e.to_string().contains("Function not found") {
+                        // A primary that joined after the start (or lost its functions)
+                        // gets them for the retry.
+                        self.functions_missing = true;
                     }
-                    Ok(Value::Int(0)) => outcome.duplicate_apps += 1,
-                    Ok(Value::Int(_)) => outcome.stale_apps += 1,
-                    Ok(other) => {
-                        return Err(StoreError {
-                            kind: StoreErrorKind::Refused,
-                            message: format!("redis cluster: write a flush: answer {other:?}"),
-                        })
-                    }
+                    StoreError::from_redis("write a flush", &e)
+                });
+                let answer: Vec<i64> = match answer.and_then(|value| decode("write a flush", value))
+                {
+                    Ok(answer) => answer,
                     Err(e) => {
-                        if e.to_string().contains("Function not found") {
-                            // A primary that joined after the start (or lost its functions)
-                            // gets them now, for the retry.
+                        if std::mem::take(&mut self.functions_missing) {
                             self.load_functions()?;
                         }
-                        return Err(StoreError::from_redis("write a flush", &e));
+                        return Err(e);
+                    }
+                };
+                let count = |n: i64| u64::try_from(n).unwrap_or(0);
+                match answer[..] {
+                    [-1, _, _] => outcome.duplicate_apps += apps.len() as u64,
+                    [done, stale, pairs] => {
+                        outcome.apps += count(done);
+                        outcome.stale_apps += count(stale);
+                        outcome.pairs += count(pairs);
+                    }
+                    _ => {
+                        return Err(StoreError {
+                            kind: StoreErrorKind::Refused,
+                            message: format!("redis cluster: write a flush: answer {answer:?}"),
+                        })
                     }
                 }
             }
@@ -1025,7 +1130,11 @@ fn stream_entries(value: &Value) -> Vec<(ResetId, Vec<(String, String)>)> {
         .collect()
 }
 
-fn stored_app(node: &str, ips: Vec<(Vec<u8>, u64)>, meta: Vec<(String, String)>) -> StoredApp {
+fn stored_app(
+    ips: Vec<(Vec<u8>, u64)>,
+    meta: Vec<(String, String)>,
+    applied: Option<String>,
+) -> StoredApp {
     let field = |name: &str| {
         meta.iter()
             .find(|(k, _)| k == name)
@@ -1042,7 +1151,7 @@ fn stored_app(node: &str, ips: Vec<(Vec<u8>, u64)>, meta: Vec<(String, String)>)
             ips,
             ips_truncated: field("t") == Some("1"),
         },
-        applied: field(&format!("s:{node}")).map(str::to_owned),
+        applied,
     }
 }
 
@@ -1161,6 +1270,18 @@ mod tests {
         for (slot, port) in [(0, 7001), (5460, 7001), (5461, 7002), (16383, 7003)] {
             assert_eq!(map.addrs[map.primary_of(slot)], ("127.0.0.1".into(), port));
         }
+    }
+
+    #[test]
+    fn every_slot_has_a_tag() {
+        for slot in [0, 1, 9500, 12182, 16383] {
+            assert_eq!(slot_of(slot_tag(slot).as_bytes()), slot);
+        }
+        assert!((0..16384).all(|slot| slot_tag(slot).len() <= 4));
+        let keys = Keys { prefix: "p".into() };
+        let seq = keys.seq(12182, "edge-1");
+        assert_eq!(slot_of(seq.as_bytes()), 12182, "{seq}");
+        assert_eq!(keys.epoch_of(seq.as_bytes()), None, "not an app key");
     }
 
     #[test]

@@ -192,12 +192,27 @@ fn delete_all_on_one_node_clears_every_node() {
         wait_for_count(&a, &reference.apps[*app], sent.count);
         wait_for_count(&b, &reference.apps[*app], sent.count);
     }
+    let old_keys = |cluster: &RedisCluster| -> usize {
+        cluster
+            .nodes
+            .iter()
+            .filter_map(|node| {
+                redis_cluster::cli(node.port, &["--scan", "--pattern", "delall:e0:*"])
+            })
+            .map(|keys| keys.lines().count())
+            .sum()
+    };
+    assert!(old_keys(&cluster) > 0, "the first epoch's keys are there");
     delete(&a, "/events");
     // Gone everywhere as soon as the 204 is back: b reads the reset epoch with every query.
     for sha in &reference.apps {
         assert_eq!(count(&a, sha), 0);
         assert_eq!(count(&b, sha), 0);
     }
+    // The old epoch's keys are deleted in the background.
+    wait_until("the old epoch's keys to be swept", || {
+        old_keys(&cluster) == 0
+    });
     after_one_flush_interval();
     let again_a = send_events(a.udp, &reference.events, 300, 2, 3);
     let again_b = send_events(b.udp, &reference.events, 400, 2, 4);
@@ -468,7 +483,9 @@ fn a_failover_to_a_replica_keeps_the_counts() {
     let during = send_events(a.udp, &reference.events, 900, 2, 2);
     // The replica takes over after --cluster-node-timeout (1 s here) and the vote.
     wait_until("a replica to take over", || {
-        cluster.try_primary_of(&sha).is_some_and(|now| now != primary)
+        cluster
+            .try_primary_of(&sha)
+            .is_some_and(|now| now != primary)
     });
     cluster.wait_healthy();
     let after = send_events(a.udp, &reference.events, 900, 2, 3);

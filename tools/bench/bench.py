@@ -28,6 +28,9 @@ What it measures, in order:
 4. Memory: RSS per stored (app, ip) pair with every pair of a million apps loaded, the time of
    `DELETE /events`, and RSS after it.
 5. The reference scenario at the load test's scale (33,000 datagrams/s): loss and CPU.
+6. Cluster mode (`cluster.py`, when redis-server is installed): a 3-primary Redis Cluster on
+   loopback; a node's capacity in cluster mode against standalone, two nodes, store writes
+   per event, the flush rate of distinct pairs, and query latency through the store.
 """
 
 import argparse
@@ -44,7 +47,8 @@ from pathlib import Path
 # source tree.
 sys.dont_write_bytecode = True
 
-import report as fmt  # noqa: E402 (after the line above on purpose)
+import cluster  # noqa: E402 (after the line above on purpose)
+import report as fmt  # noqa: E402
 import sections  # noqa: E402
 import steps  # noqa: E402
 from loadgen import Loadgen  # noqa: E402
@@ -164,6 +168,8 @@ def parse_args(argv):
                              "--server-flag=--batch=256 (repeatable), for tuning runs")
     parser.add_argument("--capacity-only", action="store_true",
                         help="run step 1 (receiver capacity) only")
+    parser.add_argument("--cluster-only", action="store_true",
+                        help="run step 6 (cluster mode) only")
     parser.add_argument("--memory-only", type=int, default=None, metavar="RATE",
                         help="run step 4 (memory) only, writing at RATE datagrams/s with two "
                              "sender threads")
@@ -191,12 +197,13 @@ class Results:
     queries: list
     memory: list
     reference: list
+    cluster: dict
 
 
 def run_steps(bench):
-    log("step 1/5: receiver capacity")
+    log("step 1/6: receiver capacity")
     capacity = steps.step_capacity(bench)
-    log("step 2/5: lossless paced rate")
+    log("step 2/6: lossless paced rate")
     searches = steps.step_lossless(bench)
     plotter = write_loss_plot(
         bench.out / "loss.svg",
@@ -212,14 +219,16 @@ def run_steps(bench):
         bench.note("queries", "no lossless rate was found for the server; steps 3 and 4 use "
                               f"{fmt.rate(server_rate)}/s")
     threads = max(search.threads() for search in searches["ipevents"])
-    log("step 3/5: query latency")
+    log("step 3/6: query latency")
     queries = steps.step_queries(bench, server_rate, threads)
-    log("step 4/5: memory")
+    log("step 4/6: memory")
     memory = steps.step_memory(bench, server_rate, threads)
-    log("step 5/5: reference scenario at 33,000 datagrams/s")
+    log("step 5/6: reference scenario at 33,000 datagrams/s")
     reference = steps.step_reference(bench)
+    log("step 6/6: cluster mode")
+    clustered = cluster.step_cluster(bench)
     return Results(capacity, searches, server_rate, threads, plotter, queries, memory,
-                   reference)
+                   reference, clustered)
 
 
 def report_sections(bench, results):
@@ -231,6 +240,7 @@ def report_sections(bench, results):
         sections.memory_section(bench, results.memory, results.server_rate)
         + sections.notes(bench, "memory"),
         sections.reference_section(bench, results.reference),
+        cluster.cluster_section(bench, results.cluster) + sections.notes(bench, "cluster"),
         sections.observations(bench, results.capacity, results.searches, results.queries,
                               results.memory, results.reference),
     ]
@@ -256,6 +266,9 @@ def main(argv):
         section = (sections.memory_section(bench, memory, args.memory_only)
                    + sections.notes(bench, "memory"))
         text = write_report(bench, command, started, [section])
+    elif args.cluster_only:
+        section = cluster.cluster_section(bench, cluster.step_cluster(bench))
+        text = write_report(bench, command, started, [section + sections.notes(bench, "cluster")])
     elif args.capacity_only:
         capacity = steps.step_capacity(bench)
         section = sections.capacity_section(bench, capacity) + sections.notes(bench, "capacity")
@@ -278,3 +291,4 @@ if __name__ == "__main__":
         sys.exit(130)
     finally:
         stop_all()
+        cluster.stop_all_redis()
