@@ -454,6 +454,7 @@ impl Flusher {
         };
         match self.store.read(seen, epoch, None) {
             Ok((changes, _)) => {
+                node.counters.store_up.store(true, Ordering::Relaxed);
                 let mut pending = node.lock();
                 if let Err(e) = pending.catch_up(&changes, &self.workers) {
                     log::warn!("flusher: applying a reset: {e}");
