@@ -76,7 +76,9 @@ impl Pending {
     /// the workers and the pending deltas; returns whether anything changed. Idempotent.
     fn catch_up(&mut self, changes: &Changes, workers: &Cluster) -> Result<bool, Unavailable> {
         let mut changed = false;
-        if changes.epoch > self.epoch {
+        // An epoch lower than this node's means the store lost its state (a flush of the
+        // database, a failover that lost the last reset): that is a reset too.
+        if changes.epoch != self.epoch {
             workers.reset_all()?;
             self.unsent = Deltas::default();
             self.sent = None;

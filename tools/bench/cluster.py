@@ -276,11 +276,20 @@ def writes_per_event(bench, cluster):
     return rows
 
 
+# The flush-rate shapes: (good IPs, bad IPs) per app; 16 pairs an app, and the long tail's one.
+FLUSH_SHAPES = ((14, 2), (1, 0))
+
+
 def flush_rate(bench, cluster):
     """Distinct (app, ip) pairs one node writes per second, every pair sent once as fast as
-    the sender goes, with the CPU the flusher and Redis spent on them."""
+    the sender goes, with the CPU the flusher and Redis spent on them; per shape."""
+    return {shape: flush_rate_of(bench, cluster, *shape) for shape in FLUSH_SHAPES}
+
+
+def flush_rate_of(bench, cluster, good_ips, bad_ips):
     settings = bench.settings
-    apps = 20_000 if settings.quick else 200_000
+    pairs_wanted = 320_000 if settings.quick else 3_200_000
+    apps = pairs_wanted // (good_ips + bad_ips)
     results = []
     for _ in range(settings.runs):
         cluster.flush_all()
@@ -291,7 +300,7 @@ def flush_rate(bench, cluster):
             redis_before = cluster.cpu_s()
             started = time.monotonic()
             bench.loadgen.run(node, "--scenario", "many-apps", "--apps", apps,
-                              "--good-ips", 14, "--bad-ips", 2, "--each-pair-once",
+                              "--good-ips", good_ips, "--bad-ips", bad_ips, "--each-pair-once",
                               "--rate", 0, "--no-verify", bound_s=LOADGEN_MAX_S)
             totals = wait_flushed(node)
             # wait_flushed looks twice, half a second apart, once the last flush is done.
@@ -305,7 +314,8 @@ def flush_rate(bench, cluster):
                             flusher_pairs_per_cpu_s=pairs / max(flusher, 1e-9),
                             redis_pairs_per_cpu_s=pairs / max(redis, 1e-9),
                             redis_bytes_per_app=memory / apps))
-        log(f"cluster flush rate: {pairs:.0f} pairs in {elapsed:.1f} s; flusher {flusher:.1f} "
+        log(f"cluster flush rate, {good_ips + bad_ips} IPs an app: {pairs:.0f} pairs in "
+            f"{elapsed:.1f} s; flusher {flusher:.1f} "
             f"CPU s, redis {redis:.1f} CPU s, redis memory {fmt.size(memory)}")
     return results
 
@@ -381,20 +391,21 @@ def cluster_section(bench, results):
                    for row in results["writes"]]),
         "",
     ]
-    flushes = results["flushes"]
-    per_s = fmt.Figure([r["per_s"] for r in flushes])
-    flusher = fmt.Figure([r["flusher_pairs_per_cpu_s"] for r in flushes])
-    redis = fmt.Figure([r["redis_pairs_per_cpu_s"] for r in flushes])
-    memory = fmt.Figure([r["redis_bytes_per_app"] for r in flushes])
+    rows = []
+    for (good_ips, bad_ips), flushes in results["flushes"].items():
+        figure = lambda key: fmt.Figure([r[key] for r in flushes])
+        rows.append([good_ips + bad_ips, figure("pairs").show(fmt.count),
+                     figure("per_s").show(fmt.rate),
+                     figure("flusher_pairs_per_cpu_s").show(fmt.rate),
+                     figure("redis_pairs_per_cpu_s").show(fmt.rate),
+                     figure("redis_bytes_per_app").show(fmt.size)])
     lines += [
-        "Flushing distinct pairs (many apps, 16 IPs each, every pair sent once, as fast as "
-        "the sender goes; the sender, the node and three redis-servers share the cores):",
+        "Flushing distinct pairs (every pair sent once, as fast as the sender goes; the "
+        "sender, the node and three redis-servers share the cores):",
         "",
-        fmt.table(["figure", "value"],
-                  [["pairs flushed per second, send start to last flush", per_s.show(fmt.rate)],
-                   ["pairs per CPU second of the flusher thread", flusher.show(fmt.rate)],
-                   ["pairs per CPU second of Redis (3 primaries)", redis.show(fmt.rate)],
-                   ["Redis memory per app of 16 IPs", memory.show(fmt.size)]]),
+        fmt.table(["IPs per app", "pairs", "pairs/s, send start to last flush",
+                   "pairs per flusher CPU second", "pairs per Redis CPU second (3 primaries)",
+                   "Redis memory per app"], rows),
         "",
     ]
     rows = []
