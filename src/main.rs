@@ -7,6 +7,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     let config = ipevents::config::Config::parse();
     // Reads FAILPOINTS from the environment in builds with the `failpoints` feature (tests).
+    #[cfg(feature = "failpoints")]
     let _fail_scenario = fail::FailScenario::setup();
     match ipevents::server::run(&config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -296,6 +296,7 @@ impl Worker {
 
     fn handle(&mut self, command: Command) {
         // Tests make one worker fail here to check that the server does not stay half alive.
+        #[cfg(feature = "failpoints")]
         fail::fail_point!("worker::handle", self.id == 1, |_| {});
         // A reply can fail only when the HTTP side gave up waiting; there is nobody to tell.
         match command {

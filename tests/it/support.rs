@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 /// How long any wait in the tests may take before it fails the test.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -433,7 +433,7 @@ pub fn send_datagram(socket: &UdpSocket, datagram: &[u8]) {
     }
 }
 
-pub fn hex_sha(rng: &mut impl Rng) -> String {
+pub fn hex_sha(rng: &mut impl RngExt) -> String {
     (0..32)
         .map(|_| format!("{:02x}", rng.random::<u8>()))
         .collect()
