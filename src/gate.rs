@@ -53,38 +53,20 @@ impl Default for GateLimits {
     }
 }
 
-/// Why the gate refused a request or a connection; each has a counter in `/metrics`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
-    TooManyConnections,
-    Timeout,
-    HeadTooLarge,
-    BodyTooLarge,
-    LengthRequired,
-    Malformed,
+labelled_enum! {
+    /// Why the gate refused a request or a connection; each has a counter in `/metrics`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Refusal {
+        TooManyConnections => "too_many_connections",
+        Timeout => "timeout",
+        HeadTooLarge => "head_too_large",
+        BodyTooLarge => "body_too_large",
+        LengthRequired => "length_required",
+        Malformed => "malformed",
+    }
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 6] = [
-        Refusal::TooManyConnections,
-        Refusal::Timeout,
-        Refusal::HeadTooLarge,
-        Refusal::BodyTooLarge,
-        Refusal::LengthRequired,
-        Refusal::Malformed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::TooManyConnections => "too_many_connections",
-            Refusal::Timeout => "timeout",
-            Refusal::HeadTooLarge => "head_too_large",
-            Refusal::BodyTooLarge => "body_too_large",
-            Refusal::LengthRequired => "length_required",
-            Refusal::Malformed => "malformed",
-        }
-    }
-
     fn status(self) -> (u16, &'static str) {
         match self {
             Refusal::TooManyConnections => (503, "Service Unavailable"),
@@ -133,11 +115,11 @@ pub struct GateCounters {
 
 impl GateCounters {
     pub fn refused(&self, refusal: Refusal) -> u64 {
-        self.refused[refusal as usize].load(Ordering::Relaxed)
+        self.refused[refusal.index()].load(Ordering::Relaxed)
     }
 
     fn count(&self, refusal: Refusal) {
-        self.refused[refusal as usize].fetch_add(1, Ordering::Relaxed);
+        self.refused[refusal.index()].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -535,6 +517,16 @@ mod tests {
         });
         let want = want.map(|o| o.map(|(head, body, close)| (head.to_owned(), body, close)));
         assert_eq!(got, want, "{}", String::from_utf8_lossy(raw));
+    }
+
+    #[test]
+    fn every_refusal_is_listed_once_in_order() {
+        let labels: std::collections::BTreeSet<&str> =
+            Refusal::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(labels.len(), Refusal::ALL.len());
+        for (i, refusal) in Refusal::ALL.iter().enumerate() {
+            assert_eq!(refusal.index(), i, "{refusal:?}");
+        }
     }
 
     #[test]

@@ -17,6 +17,41 @@
 //! - [`config`] and [`server`]: the command line and the lifecycle.
 #![deny(unsafe_code)]
 
+/// Declares a fieldless enum from one table of `Variant => "label"` rows, and generates from
+/// the same table `ALL` (every variant, in declaration order), `as_str` (the label) and
+/// `index` (the position in `ALL`), so that a new variant cannot be left out of a list that
+/// must name them all.
+macro_rules! labelled_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $( $(#[$variant_meta:meta])* $variant:ident => $label:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        $vis enum $name {
+            $( $(#[$variant_meta])* $variant, )+
+        }
+
+        impl $name {
+            /// Every variant, in declaration order: the order `/metrics` and reports list them.
+            pub const ALL: [$name; [$($label),+].len()] = [$($name::$variant),+];
+
+            /// The variant's label in `/metrics` and in error bodies.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label,)+
+                }
+            }
+
+            /// A dense index into per-variant counter arrays: the variant's place in `ALL`.
+            pub const fn index(self) -> usize {
+                self as usize
+            }
+        }
+    };
+}
+
 pub mod cluster;
 pub mod config;
 pub mod gate;
