@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::gate::GateLimits;
 use crate::socket::Steering;
+use crate::store::Limits;
 
 /// UDP ingest server for app network telemetry: tells each app's home /28 network from the
 /// other addresses it connects to (candidate command-and-control servers).
@@ -100,18 +102,41 @@ impl Config {
         Duration::from_millis(self.reply_timeout_ms)
     }
 
-    pub fn gate_limits(&self) -> crate::gate::GateLimits {
+    pub fn gate_limits(&self) -> GateLimits {
         let timeout = Duration::from_millis(self.http_timeout_ms);
-        crate::gate::GateLimits {
+        GateLimits {
             max_connections: usize::try_from(self.http_max_connections).unwrap_or(usize::MAX),
             idle_timeout: timeout,
             request_timeout: timeout,
             upstream_timeout: self.reply_timeout() + Duration::from_secs(5),
-            ..crate::gate::GateLimits::default()
+            ..GateLimits::default()
         }
     }
 
     pub fn snapshot_interval(&self) -> Duration {
         Duration::from_secs(self.snapshot_interval)
+    }
+
+    /// How long the snapshot thread waits for the workers' copies. Workers copy their tables
+    /// a slice at a time between batches, which takes seconds for millions of apps under
+    /// load: they get the interval, and at least a minute.
+    pub fn snapshot_reply_timeout(&self) -> Duration {
+        self.snapshot_interval().max(Duration::from_secs(60))
+    }
+
+    /// App entries the workers may hold in all. An app seen by k workers takes k entries, and
+    /// with many senders every app is seen by every worker, so this leaves room for
+    /// --max-apps apps on each of them.
+    pub fn max_app_entries(&self, workers: usize) -> usize {
+        usize::try_from(self.max_apps)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(workers)
+    }
+
+    /// What each worker's table may hold per app.
+    pub fn store_limits(&self) -> Limits {
+        Limits {
+            max_ips_per_app: usize::try_from(self.max_ips_per_app).unwrap_or(usize::MAX),
+        }
     }
 }

@@ -20,6 +20,9 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+/// The largest request body the server takes (`POST /events` carries one small `IpEvent`).
+pub const MAX_BODY_BYTES: usize = 4096;
+
 /// What one client may make the server hold.
 #[derive(Clone, Copy, Debug)]
 pub struct GateLimits {
@@ -47,7 +50,7 @@ impl Default for GateLimits {
             request_timeout: Duration::from_secs(10),
             max_head_bytes: 8 * 1024,
             max_headers: 32,
-            max_body_bytes: crate::http::MAX_BODY_BYTES,
+            max_body_bytes: MAX_BODY_BYTES,
             upstream_timeout: Duration::from_secs(30),
         }
     }
@@ -243,8 +246,9 @@ fn refuse(mut client: &TcpStream, refusal: Refusal, limits: &GateLimits) -> io::
     client.write_all(response.as_bytes())
 }
 
-/// The headers the API reads; every other client header stays at the gate.
-const FORWARDED_HEADERS: [&str; 4] = ["Host", "Accept", "Content-Type", "Authorization"];
+/// The headers the API reads; every other client header stays at the gate. `http.rs` reads
+/// headers only through a lookup that refuses any other name, and a test checks its calls.
+pub const FORWARDED_HEADERS: [&str; 4] = ["Host", "Accept", "Content-Type", "Authorization"];
 
 /// A request as the gate forwards it.
 struct Forward {

@@ -14,15 +14,18 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::cluster::{Cluster, Unavailable};
-use crate::gate::GateCounters;
-use crate::metrics;
+use crate::gate::{GateCounters, Refusal, FORWARDED_HEADERS};
+use crate::metrics::{self, GateSample, SnapshotSample, Stats, Totals, WorkerSample};
+use crate::process;
 use crate::snapshot::SnapshotCounters;
 use crate::store::{Applied, Verdict};
 use crate::wire::{self, AppKey};
 use crate::worker::{as_nanos, new_histogram, Latencies};
 
-/// The largest body `POST /events` takes.
-pub const MAX_BODY_BYTES: usize = 4096;
+/// The largest body `POST /events` takes. It is configured with the gate's limits, which
+/// refuse a larger body before it reaches the API; the API checks it again for requests that
+/// come by other means (the fuzzer drives [`Api::respond`] directly).
+pub use crate::gate::MAX_BODY_BYTES;
 
 /// The routes, as they are labelled in `/metrics`: a small fixed set, never a sha.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -180,6 +183,8 @@ pub struct Api {
     pub reset_ns: Histogram<u64>,
     /// The workers' merged histograms and when they were fetched.
     worker_latencies: Option<(Instant, Latencies)>,
+    /// Other parts of the server with families of their own for `/metrics`.
+    metric_sources: Vec<Box<dyn metrics::Source>>,
 }
 
 /// How old the workers' histograms in `/metrics` may be. Fetching them costs every worker a
@@ -198,6 +203,7 @@ impl Api {
             query_ns: new_histogram(),
             reset_ns: new_histogram(),
             worker_latencies: None,
+            metric_sources: Vec::new(),
         }
     }
 
@@ -219,8 +225,58 @@ impl Api {
         self
     }
 
+    /// Adds families of another part of the server (a store backend, say) to `/metrics`.
+    pub fn with_metric_source(mut self, source: Box<dyn metrics::Source>) -> Api {
+        self.metric_sources.push(source);
+        self
+    }
+
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
+    }
+
+    /// What `/metrics` shows, as plain values.
+    pub fn stats(&mut self) -> Stats<'_> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let worker_latencies = self.worker_latencies();
+        let snapshots = self.snapshots.as_ref().map(|c| SnapshotSample {
+            taken: c.taken.load(Relaxed),
+            failed: c.failed.load(Relaxed),
+            last_apps: c.last_apps.load(Relaxed),
+            last_duration_ns: c.last_duration_ns.load(Relaxed),
+            last_success_unix_s: c.last_success_unix_s.load(Relaxed),
+        });
+        let gate = self.gate.as_ref().map(|c| GateSample {
+            open_connections: c.open_connections.load(Relaxed),
+            accepted: c.accepted.load(Relaxed),
+            refused: Refusal::ALL.map(|r| (r.as_str(), c.refused(r))).to_vec(),
+        });
+        let extra = self
+            .metric_sources
+            .iter()
+            .map(|source| {
+                let mut families = String::new();
+                source.render(&mut families);
+                families
+            })
+            .collect();
+        Stats {
+            workers: WorkerSample::of(&self.cluster),
+            totals: Totals::of(&self.cluster),
+            app_entries: self.cluster.app_entries(),
+            snapshots,
+            gate,
+            requests: self
+                .requests
+                .iter()
+                .map(|(&(route, status), &count)| (route.label(), status, count))
+                .collect(),
+            worker_latencies,
+            query_ns: &self.query_ns,
+            reset_ns: &self.reset_ns,
+            process: process::sample().ok(),
+            extra,
+        }
     }
 
     /// The workers' merged latency histograms, fetched at most once per
@@ -275,7 +331,7 @@ impl Api {
             (Route::Unknown, _) => ApiResponse::error(404, format!("no route for {path}")),
             (Route::Healthz, "GET") => ApiResponse::text(200, "text/plain", "ok"),
             (Route::Metrics, "GET") => {
-                let text = metrics::render(self);
+                let text = metrics::render(&self.stats());
                 ApiResponse::text(200, "text/plain; version=0.0.4", text)
             }
             (Route::Events, "DELETE") => match self.cluster.reset_all() {
@@ -400,19 +456,12 @@ pub fn accepts_json(accept: Option<&str>) -> bool {
 /// Reads what the API needs from a tiny_http request; the body only up to one byte past the
 /// limit, so a huge body costs no memory.
 pub fn read_request(request: &mut tiny_http::Request) -> ApiRequest {
-    let header = |name: &'static str| {
-        request
-            .headers()
-            .iter()
-            .find(|h| h.field.equiv(name))
-            .map(|h| h.value.as_str().to_owned())
-    };
     let mut api_request = ApiRequest {
         method: request.method().as_str().to_owned(),
         url: request.url().to_owned(),
-        accept: header("Accept"),
-        content_type: header("Content-Type"),
-        authorization: header("Authorization"),
+        accept: request_header(request, "Accept"),
+        content_type: request_header(request, "Content-Type"),
+        authorization: request_header(request, "Authorization"),
         body: Vec::new(),
         content_length: request.body_length(),
     };
@@ -423,6 +472,23 @@ pub fn read_request(request: &mut tiny_http::Request) -> ApiRequest {
             .read_to_end(&mut api_request.body);
     }
     api_request
+}
+
+/// The value of a request header. Requests reach the API through the gate, which forwards
+/// only [`FORWARDED_HEADERS`]: reading any other header would see nothing in production, so
+/// it is refused here, and a test checks every call in this file against the gate's list.
+fn request_header(request: &tiny_http::Request, name: &'static str) -> Option<String> {
+    assert!(
+        FORWARDED_HEADERS
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name)),
+        "the gate does not forward {name}"
+    );
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv(name))
+        .map(|h| h.value.as_str().to_owned())
 }
 
 /// Answers requests until `server` is unblocked; returns the API for the final report.
@@ -453,18 +519,18 @@ fn to_tiny_http(response: ApiResponse) -> tiny_http::Response<std::io::Cursor<Ve
         .with_status_code(response.status)
         .with_chunked_threshold(usize::MAX);
     if let Some(content_type) = response.content_type {
-        out.add_header(header("Content-Type", content_type));
+        out.add_header(response_header("Content-Type", content_type));
     }
     if let Some(allow) = response.allow {
-        out.add_header(header("Allow", allow));
+        out.add_header(response_header("Allow", allow));
     }
     if response.www_authenticate {
-        out.add_header(header("WWW-Authenticate", "Bearer"));
+        out.add_header(response_header("WWW-Authenticate", "Bearer"));
     }
     out
 }
 
-fn header(name: &'static str, value: &'static str) -> tiny_http::Header {
+fn response_header(name: &'static str, value: &'static str) -> tiny_http::Header {
     tiny_http::Header::from_bytes(name, value).expect("static headers are valid")
 }
 

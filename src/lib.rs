@@ -3,18 +3,25 @@
 //! Devices send one protobuf `IpEvent` (app sha256, IPv4 address) per UDP datagram. N workers
 //! each own one SO_REUSEPORT socket and one table of apps; one HTTP thread answers per-app
 //! queries by asking every worker for its partial answer and merging them. The modules, in
-//! reading order:
+//! dependency order:
 //!
 //! - [`wire`]: the datagram format; parse and validate a datagram into an `Event`.
 //! - [`store`]: a worker's app table, partial answers, merge and classification.
 //! - [`socket`]: socket set-up, recvmmsg/sendmmsg, steering, kernel counters (all the unsafe).
+//! - [`process`]: the process's own figures from /proc, for `/metrics`.
 //! - [`worker`]: the per-core mio loop and the commands it takes.
 //! - [`cluster`]: fan-out of commands to the workers, with a bounded wait.
-//! - [`gate`]: the public HTTP listener, which bounds connections, time and bytes per client.
-//! - [`http`]: the REST API.
-//! - [`metrics`]: `/metrics` text and the shutdown report.
 //! - [`snapshot`]: the state file that carries the counts across restarts.
-//! - [`config`] and [`server`]: the command line and the lifecycle.
+//! - [`gate`]: the public HTTP listener, which bounds connections, time and bytes per client.
+//! - [`metrics`]: `/metrics` text and the shutdown report, from plain values.
+//! - [`http`]: the REST API.
+//! - [`snapshotter`]: restoring the state file at start, and the thread that writes it.
+//! - [`config`]: the command line and the values derived from it.
+//! - [`server`]: the lifecycle: wires the parts together and sequences start and stop.
+//!
+//! The order is strict: each module uses only modules listed above it, so there is no import
+//! cycle, and a module that needs something from one below it is handed plain data instead.
+//! `tests/it/layout.rs` checks it.
 #![deny(unsafe_code)]
 
 /// Declares a fieldless enum from one table of `Variant => "label"` rows, and generates from
@@ -52,14 +59,16 @@ macro_rules! labelled_enum {
     };
 }
 
-pub mod cluster;
-pub mod config;
-pub mod gate;
-pub mod http;
-pub mod metrics;
-pub mod server;
-pub mod snapshot;
-pub mod socket;
-pub mod store;
 pub mod wire;
+pub mod store;
+pub mod socket;
+pub mod process;
 pub mod worker;
+pub mod cluster;
+pub mod snapshot;
+pub mod gate;
+pub mod metrics;
+pub mod http;
+pub mod snapshotter;
+pub mod config;
+pub mod server;

@@ -1,16 +1,17 @@
 //! Renders what the server counts: the Prometheus text of `/metrics` and the report printed
-//! at shutdown. It reads worker counters (relaxed atomics), kernel counters and histograms
-//! handed over by the workers; it never asks a worker to stop for it.
+//! at shutdown, from plain values in a [`Stats`] that this module owns. It knows nothing of
+//! the HTTP handler, the gate or the snapshot thread that the values come from, and it never
+//! asks a worker to stop for it.
+//!
+//! Another part of the server (a store backend, say) adds families of its own through a
+//! [`Source`], which renders them with [`single`] and [`labelled`] when `/metrics` is asked for.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use hdrhistogram::Histogram;
 
 use crate::cluster::Cluster;
-use crate::gate::{GateCounters, Refusal};
-use crate::http::Api;
-use crate::snapshot::SnapshotCounters;
+use crate::process::ProcessSample;
 use crate::wire::Reject;
 use crate::worker::{Counters, Latencies, WorkerStats};
 
@@ -18,6 +19,92 @@ const NAMESPACE: &str = "ipevents";
 
 /// The quantiles of every latency summary and of the shutdown tables.
 const QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
+
+/// The version of the compiler that built the server, for `ipevents_build_info`.
+const RUSTC_VERSION: &str = env!("IPEVENTS_RUSTC_VERSION");
+
+/// Everything `/metrics` shows, as plain values.
+pub struct Stats<'a> {
+    pub workers: Vec<WorkerSample>,
+    pub totals: Totals,
+    /// App entries held by all workers together.
+    pub app_entries: usize,
+    /// The snapshot thread's counters, when there is a state file.
+    pub snapshots: Option<SnapshotSample>,
+    /// The HTTP gate's counters, when there is a gate.
+    pub gate: Option<GateSample>,
+    /// HTTP requests answered: (route label, status, count).
+    pub requests: Vec<(&'static str, u16, u64)>,
+    /// The workers' merged histograms; `None` when a worker did not answer in time.
+    pub worker_latencies: Option<Latencies>,
+    pub query_ns: &'a Histogram<u64>,
+    pub reset_ns: &'a Histogram<u64>,
+    /// The process's own figures from /proc; `None` when /proc cannot be read.
+    pub process: Option<ProcessSample>,
+    /// Families rendered by [`Source`]s, appended as they are.
+    pub extra: Vec<String>,
+}
+
+/// One worker's counters and socket.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerSample {
+    pub id: usize,
+    pub received: u64,
+    pub ingested: u64,
+    /// `None` when the kernel does not report drops (SO_MEMINFO).
+    pub kernel_drops: Option<u64>,
+    pub recv_errors: u64,
+    /// The receive buffer the kernel granted the worker's socket; `None` when it cannot be
+    /// read.
+    pub rcvbuf_bytes: Option<usize>,
+}
+
+/// The snapshot thread's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotSample {
+    pub taken: u64,
+    pub failed: u64,
+    pub last_apps: u64,
+    pub last_duration_ns: u64,
+    /// When the last successful snapshot was written, in seconds since the Unix epoch; 0
+    /// before the first.
+    pub last_success_unix_s: u64,
+}
+
+/// The HTTP gate's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GateSample {
+    pub open_connections: usize,
+    pub accepted: u64,
+    /// Refusals by reason: (label, count), every reason listed.
+    pub refused: Vec<(&'static str, u64)>,
+}
+
+/// Something with metric families of its own to add to `/metrics`.
+pub trait Source: Send {
+    /// Appends complete families (HELP, TYPE and samples) to `out`.
+    fn render(&self, out: &mut String);
+}
+
+impl WorkerSample {
+    pub fn of(cluster: &Cluster) -> Vec<WorkerSample> {
+        cluster
+            .workers()
+            .iter()
+            .map(|worker| {
+                let c = &worker.counters;
+                WorkerSample {
+                    id: worker.id,
+                    received: Counters::get(&c.datagrams_received),
+                    ingested: Counters::get(&c.events_ingested),
+                    kernel_drops: worker.kernel_drops(),
+                    recv_errors: Counters::get(&c.recv_errors),
+                    rcvbuf_bytes: worker.rcvbuf_bytes(),
+                }
+            })
+            .collect()
+    }
+}
 
 /// Totals over all workers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -51,47 +138,69 @@ impl Totals {
 }
 
 /// The text of `GET /metrics`.
-pub fn render(api: &mut Api) -> String {
-    let worker_latencies = api.worker_latencies();
-    let api = &*api;
-    let cluster = api.cluster();
+pub fn render(stats: &Stats) -> String {
     let mut out = String::with_capacity(4096);
-    let per_worker =
-        |out: &mut String, name: &str, help: &str, value: &dyn Fn(usize) -> Option<u64>| {
-            family(out, name, "counter", help);
-            for worker in cluster.workers() {
-                if let Some(v) = value(worker.id) {
-                    let _ = writeln!(out, "{NAMESPACE}_{name}{{worker=\"{}\"}} {v}", worker.id);
-                }
+    let labels = format!(
+        "version=\"{}\",rustc=\"{RUSTC_VERSION}\"",
+        env!("CARGO_PKG_VERSION")
+    );
+    family(
+        &mut out,
+        "build_info",
+        "gauge",
+        "The server's version and the compiler that built it, as labels; the value is 1.",
+    );
+    let _ = writeln!(out, "{NAMESPACE}_build_info{{{labels}}} 1");
+    let per_worker = |out: &mut String,
+                      name: &str,
+                      kind: &str,
+                      help: &str,
+                      value: &dyn Fn(&WorkerSample) -> Option<u64>| {
+        family(out, name, kind, help);
+        for worker in &stats.workers {
+            if let Some(v) = value(worker) {
+                let _ = writeln!(out, "{NAMESPACE}_{name}{{worker=\"{}\"}} {v}", worker.id);
             }
-        };
-    let workers = cluster.workers();
+        }
+    };
     per_worker(
         &mut out,
         "datagrams_received_total",
+        "counter",
         "Datagrams read from the UDP socket.",
-        &|i| Some(Counters::get(&workers[i].counters.datagrams_received)),
+        &|w| Some(w.received),
     );
     per_worker(
         &mut out,
         "events_ingested_total",
+        "counter",
         "Valid events counted (UDP and POST).",
-        &|i| Some(Counters::get(&workers[i].counters.events_ingested)),
+        &|w| Some(w.ingested),
     );
     per_worker(
         &mut out,
         "kernel_drops_total",
+        "counter",
         "Datagrams the kernel dropped because the socket's receive queue was full (SO_MEMINFO).",
-        &|i| workers[i].kernel_drops(),
+        &|w| w.kernel_drops,
     );
     per_worker(
         &mut out,
         "recv_errors_total",
+        "counter",
         "Failed recvmmsg calls.",
-        &|i| Some(Counters::get(&workers[i].counters.recv_errors)),
+        &|w| Some(w.recv_errors),
+    );
+    per_worker(
+        &mut out,
+        "socket_receive_buffer_bytes",
+        "gauge",
+        "Receive buffer the kernel granted the worker's UDP socket (--rcvbuf, capped by \
+         net.core.rmem_max without CAP_NET_ADMIN).",
+        &|w| w.rcvbuf_bytes.map(|bytes| bytes as u64),
     );
 
-    let totals = Totals::of(cluster);
+    let totals = &stats.totals;
     labelled(
         &mut out,
         "datagrams_invalid_total",
@@ -120,20 +229,20 @@ pub fn render(api: &mut Api) -> String {
         "apps_tracked",
         "gauge",
         "App entries held by the workers; an app seen by k workers counts k times.",
-        cluster.app_entries(),
+        stats.app_entries,
     );
     single(
         &mut out,
         "workers",
         "gauge",
         "Ingest workers.",
-        workers.len(),
+        stats.workers.len(),
     );
 
-    if let Some(snapshots) = &api.snapshots {
+    if let Some(snapshots) = &stats.snapshots {
         snapshot_metrics(&mut out, snapshots);
     }
-    if let Some(gate) = &api.gate {
+    if let Some(gate) = &stats.gate {
         gate_metrics(&mut out, gate);
     }
     family(
@@ -142,17 +251,16 @@ pub fn render(api: &mut Api) -> String {
         "counter",
         "HTTP requests answered, by route and status.",
     );
-    for ((route, status), count) in &api.requests {
+    for (route, status, count) in &stats.requests {
         let _ = writeln!(
             out,
-            "{NAMESPACE}_http_requests_total{{route=\"{}\",code=\"{status}\"}} {count}",
-            route.label()
+            "{NAMESPACE}_http_requests_total{{route=\"{route}\",code=\"{status}\"}} {count}"
         );
     }
 
     // Worker histograms come through the command channels; if a worker is slow to answer,
     // the counters above are still worth serving, so the summaries are left out instead.
-    if let Some(latencies) = &worker_latencies {
+    if let Some(latencies) = &stats.worker_latencies {
         summary(
             &mut out,
             "ingest_latency_seconds",
@@ -170,51 +278,100 @@ pub fn render(api: &mut Api) -> String {
         &mut out,
         "query_latency_seconds",
         "GET /events/{app_sha256} service time.",
-        &api.query_ns,
+        stats.query_ns,
     );
     summary(
         &mut out,
         "reset_latency_seconds",
         "DELETE /events and DELETE /events/{app_sha256} service time.",
-        &api.reset_ns,
+        stats.reset_ns,
     );
+    if let Some(process) = &stats.process {
+        process_metrics(&mut out, process);
+    }
+    for families in &stats.extra {
+        out.push_str(families);
+    }
     out
 }
 
-fn gate_metrics(out: &mut String, gate: &GateCounters) {
-    let open = gate.open_connections.load(Ordering::Relaxed);
+/// The standard process families, named as every Prometheus client library names them
+/// (without the server's namespace), so that the usual dashboards work.
+fn process_metrics(out: &mut String, process: &ProcessSample) {
+    let mut standard = |name: &str, kind: &str, help: &str, value: &dyn std::fmt::Display| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let _ = writeln!(out, "{name} {value}");
+    };
+    standard(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+        &process.resident_memory_bytes,
+    );
+    standard(
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+        &format!("{:.2}", process.cpu_seconds),
+    );
+    standard(
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+        &process.open_fds,
+    );
+    standard(
+        "process_max_fds",
+        "gauge",
+        "Maximum number of open file descriptors.",
+        &process.max_fds,
+    );
+    standard(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+        &format!("{:.2}", process.start_time_seconds),
+    );
+}
+
+fn gate_metrics(out: &mut String, gate: &GateSample) {
     let help = "Open client connections to the HTTP port.";
-    single(out, "http_connections_open", "gauge", help, open);
-    let accepted = gate.accepted.load(Ordering::Relaxed);
+    single(
+        out,
+        "http_connections_open",
+        "gauge",
+        help,
+        gate.open_connections,
+    );
     let help = "Client connections accepted.";
-    single(out, "http_connections_total", "counter", help, accepted);
+    single(
+        out,
+        "http_connections_total",
+        "counter",
+        help,
+        gate.accepted,
+    );
     labelled(
         out,
         "http_refused_total",
         "counter",
         "Requests or connections refused at the gate, by reason.",
         "reason",
-        Refusal::ALL.map(|r| (r.as_str(), gate.refused(r))),
+        gate.refused.iter().copied(),
     );
 }
 
-fn snapshot_metrics(out: &mut String, snapshots: &SnapshotCounters) {
-    let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+fn snapshot_metrics(out: &mut String, snapshots: &SnapshotSample) {
     let help = "State file snapshots written while running.";
-    single(
-        out,
-        "snapshots_total",
-        "counter",
-        help,
-        get(&snapshots.taken),
-    );
+    single(out, "snapshots_total", "counter", help, snapshots.taken);
     let help = "State file snapshots that failed.";
     single(
         out,
         "snapshot_failures_total",
         "counter",
         help,
-        get(&snapshots.failed),
+        snapshots.failed,
     );
     let help = "Apps in the last snapshot.";
     single(
@@ -222,9 +379,9 @@ fn snapshot_metrics(out: &mut String, snapshots: &SnapshotCounters) {
         "snapshot_last_apps",
         "gauge",
         help,
-        get(&snapshots.last_apps),
+        snapshots.last_apps,
     );
-    let seconds = get(&snapshots.last_duration_ns) as f64 / 1e9;
+    let seconds = snapshots.last_duration_ns as f64 / 1e9;
     let help = "Time the last snapshot took: copy, merge and write.";
     single(
         out,
@@ -233,16 +390,25 @@ fn snapshot_metrics(out: &mut String, snapshots: &SnapshotCounters) {
         help,
         format!("{seconds:.6}"),
     );
+    let help = "When the last successful snapshot was written, in seconds since the Unix epoch \
+                (0 before the first).";
+    single(
+        out,
+        "snapshot_last_success_timestamp_seconds",
+        "gauge",
+        help,
+        snapshots.last_success_unix_s,
+    );
 }
 
 /// A metric family with one sample and no labels.
-fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+pub fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
     family(out, name, kind, help);
     let _ = writeln!(out, "{NAMESPACE}_{name} {value}");
 }
 
 /// A metric family with one sample per value of one label.
-fn labelled<'a>(
+pub fn labelled<'a>(
     out: &mut String,
     name: &str,
     kind: &str,
@@ -256,7 +422,7 @@ fn labelled<'a>(
     }
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {NAMESPACE}_{name} {help}");
     let _ = writeln!(out, "# TYPE {NAMESPACE}_{name} {kind}");
 }
@@ -282,7 +448,12 @@ pub fn merge_latencies(stats: &[WorkerStats]) -> Latencies {
 }
 
 /// The report printed at shutdown: totals, then one percentile table per histogram.
-pub fn report(totals: &Totals, latencies: &Latencies, api: &Api) -> String {
+pub fn report(
+    totals: &Totals,
+    latencies: &Latencies,
+    query_ns: &Histogram<u64>,
+    reset_ns: &Histogram<u64>,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -307,8 +478,8 @@ pub fn report(totals: &Totals, latencies: &Latencies, api: &Api) -> String {
     for (name, histogram) in [
         ("ingest", &latencies.ingest_ns),
         ("batch", &latencies.batch_ns),
-        ("query", &api.query_ns),
-        ("reset", &api.reset_ns),
+        ("query", query_ns),
+        ("reset", reset_ns),
     ] {
         let mut row = format!("{name:<10}");
         for q in QUANTILES {

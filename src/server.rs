@@ -11,17 +11,17 @@ use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::PathBuf;
 
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::gate::{Gate, GateCounters};
 use crate::http::{self, Api};
 use crate::metrics::{self, Totals};
-use crate::snapshot::{self, BadState, SnapshotCounters};
+use crate::snapshot::{self, SnapshotCounters};
+use crate::snapshotter::{self, Snapshotter};
 use crate::socket::{self, Rcvbuf, Steering};
-use crate::store::{AppBudget, AppRecord, AppTable, Limits};
+use crate::store::{AppBudget, AppTable};
 use crate::worker::{Command, Worker, WorkerExit, WorkerStats};
 use core_affinity::CoreId;
 
@@ -139,7 +139,10 @@ pub fn bind_http(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), String> 
 /// Binds everything and starts the threads. Errors name the step that failed.
 pub fn start(config: &Config) -> Result<Server, String> {
     let (workers, cores) = plan_workers(config.workers, !config.no_pin)?;
-    let records = load_state(config)?;
+    let records = match &config.state {
+        Some(path) => snapshotter::restore(path, config.discard_bad_state)?,
+        None => Vec::new(),
+    };
     let UdpGroup {
         sockets,
         addr: udp_addr,
@@ -166,15 +169,8 @@ pub fn start(config: &Config) -> Result<Server, String> {
     )
     .map_err(|e| format!("start http gate on {http_addr}: {e}"))?;
 
-    // An app seen by k workers takes k entries, and with many senders every app is seen by
-    // every worker, so the budget leaves room for --max-apps apps on each of them.
-    let max_entries = usize::try_from(config.max_apps)
-        .unwrap_or(usize::MAX)
-        .saturating_mul(workers);
-    let budget = Arc::new(AppBudget::new(max_entries));
-    let limits = Limits {
-        max_ips_per_app: usize::try_from(config.max_ips_per_app).unwrap_or(usize::MAX),
-    };
+    let budget = Arc::new(AppBudget::new(config.max_app_entries(workers)));
+    let limits = config.store_limits();
     let (lifecycle_tx, lifecycle) = crossbeam_channel::unbounded();
     let mut tables: Vec<AppTable> = (0..workers)
         .map(|_| AppTable::new(limits, budget.clone()))
@@ -215,14 +211,10 @@ pub fn start(config: &Config) -> Result<Server, String> {
     let snapshot_counters = Arc::new(SnapshotCounters::default());
     let snapshotter = match &config.state {
         Some(path) => Some(Snapshotter::spawn(
-            // Workers copy their tables a slice at a time between batches, which takes seconds
-            // for millions of apps under load: give them the interval, and at least a minute.
             Cluster::new(
                 handles.clone(),
                 budget.clone(),
-                config
-                    .snapshot_interval()
-                    .max(std::time::Duration::from_secs(60)),
+                config.snapshot_reply_timeout(),
             ),
             path.clone(),
             config.snapshot_interval(),
@@ -327,7 +319,8 @@ impl Server {
         Ok(metrics::report(
             &totals,
             &metrics::merge_latencies(&stats),
-            &api,
+            &api.query_ns,
+            &api.reset_ns,
         ))
     }
 
@@ -355,117 +348,6 @@ impl Server {
             Ok(Err(e)) => Err(format!("worker {id} failed: {e}")),
             Err(payload) => Err(format!("worker {id} failed: {}", panic_message(&*payload))),
         }
-    }
-}
-
-/// Reads the state file named by --state, if any. A bad file stops the start unless
-/// --discard-bad-state says to move it aside.
-fn load_state(config: &Config) -> Result<Vec<AppRecord>, String> {
-    let Some(path) = &config.state else {
-        return Ok(Vec::new());
-    };
-    check_writable(path)
-        .map_err(|e| format!("state file {}: cannot write beside it: {e}", path.display()))?;
-    match snapshot::read(path) {
-        Ok(Some(records)) => Ok(records),
-        Ok(None) => {
-            eprintln!(
-                "ipevents: no state file at {} yet; starting empty",
-                path.display()
-            );
-            Ok(Vec::new())
-        }
-        Err(BadState::Unreadable(e)) => Err(format!(
-            "state file {}: cannot read it: {e}; check its permissions",
-            path.display()
-        )),
-        Err(bad) if config.discard_bad_state => {
-            let aside = snapshot::set_aside(path).map_err(|e| {
-                format!(
-                    "state file {}: {bad}, and moving it aside failed: {e}",
-                    path.display()
-                )
-            })?;
-            eprintln!(
-                "warning: state file {}: {bad}; moved it to {} and starting empty",
-                path.display(),
-                aside.display()
-            );
-            Ok(Vec::new())
-        }
-        Err(bad) => Err(format!(
-            "state file {}: {bad}; repair or move it, or start with --discard-bad-state to set it \
-             aside and start empty",
-            path.display()
-        )),
-    }
-}
-
-/// Finds out at start, not at the first snapshot, whether the state file's directory takes
-/// files.
-fn check_writable(path: &Path) -> io::Result<()> {
-    let mut probe_name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    probe_name.push(".probe");
-    let probe = path.with_file_name(probe_name);
-    std::fs::File::create(&probe)?;
-    std::fs::remove_file(&probe)
-}
-
-/// The thread that writes the state file every --snapshot-interval. The workers only copy
-/// their tables; merging and writing happen here, off the data path.
-struct Snapshotter {
-    stop: Sender<()>,
-    thread: JoinHandle<()>,
-}
-
-impl Snapshotter {
-    fn spawn(
-        cluster: Cluster,
-        path: PathBuf,
-        interval: std::time::Duration,
-        counters: Arc<SnapshotCounters>,
-    ) -> Result<Snapshotter, String> {
-        let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
-        let thread = thread::Builder::new()
-            .name("snapshot".into())
-            .spawn(move || {
-                // Merging and writing a large state take seconds of CPU; under full load they
-                // wait for the workers, not the other way round.
-                if let Err(e) = socket::lower_thread_priority() {
-                    eprintln!("warning: snapshot thread keeps its priority: {e}");
-                }
-                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(interval)
-                {
-                    let started = Instant::now();
-                    let written =
-                        cluster
-                            .snapshot()
-                            .map_err(|e| e.to_string())
-                            .and_then(|per_worker| {
-                                let records = snapshot::merge_records(per_worker);
-                                snapshot::write(&path, &records).map_err(|e| e.to_string())?;
-                                Ok(records.len())
-                            });
-                    match written {
-                        Ok(apps) => counters.record_success(apps, started.elapsed()),
-                        Err(e) => {
-                            counters.record_failure();
-                            eprintln!("ipevents: snapshot to {} failed: {e}", path.display());
-                        }
-                    }
-                }
-            })
-            .map_err(|e| format!("spawn snapshot thread: {e}"))?;
-        Ok(Snapshotter { stop, thread })
-    }
-
-    fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.thread.join();
     }
 }
 

@@ -195,6 +195,11 @@ impl WorkerHandle {
     pub fn kernel_drops(&self) -> Option<u64> {
         socket::kernel_drops(&*self.socket).ok().flatten()
     }
+
+    /// The receive buffer the kernel granted this worker's socket.
+    pub fn rcvbuf_bytes(&self) -> Option<usize> {
+        socket::granted_rcvbuf_bytes(&self.socket).ok()
+    }
 }
 
 /// A worker before it runs: built on the calling thread so that set-up errors surface there.

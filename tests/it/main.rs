@@ -5,6 +5,7 @@ mod abuse;
 mod api;
 mod hostile;
 mod ingest;
+mod layout;
 mod lifecycle;
 mod regressions;
 mod restart;
