@@ -53,7 +53,13 @@ impl Route {
             "/events" => Route::Events,
             "/healthz" => Route::Healthz,
             "/metrics" => Route::Metrics,
-            _ if path.starts_with("/events/") => Route::App,
+            // One more segment names an app; a path with more segments is unknown.
+            _ if path
+                .strip_prefix("/events/")
+                .is_some_and(|app| !app.contains('/')) =>
+            {
+                Route::App
+            }
             _ => Route::Unknown,
         }
     }
@@ -597,6 +603,11 @@ mod tests {
         assert_eq!(Route::of("/events"), Route::Events);
         assert_eq!(Route::of("/events/abc"), Route::App);
         assert_eq!(Route::of("/events/"), Route::App);
+        assert_eq!(
+            Route::of(&format!("/events/{}/extra", "ab".repeat(32))),
+            Route::Unknown
+        );
+        assert_eq!(Route::of("/events//"), Route::Unknown);
         assert_eq!(Route::of("/eventsx"), Route::Unknown);
         assert_eq!(Route::of("/"), Route::Unknown);
         assert_eq!(parse_app(&"Ab".repeat(32)), Some(AppKey([0xab; 32])));

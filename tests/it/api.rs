@@ -106,13 +106,15 @@ fn every_error_status() {
             "64 hex digits",
         ),
         ("GET", "/".into(), vec![], vec![], 404, "no route"),
+        // A path with more segments than /events/{app_sha256} is an unknown path (issue 10).
+        ("GET", "/events/x/y".into(), vec![], vec![], 404, "no route"),
         (
             "GET",
-            "/events/x/y".into(),
+            format!("/events/{SHA}/extra"),
             vec![],
             vec![],
-            400,
-            "64 hex digits",
+            404,
+            "no route",
         ),
         ("GET", "/nope".into(), vec![], vec![], 404, "no route"),
         ("PUT", app.clone(), vec![], vec![], 405, "not allowed"),
