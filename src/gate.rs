@@ -185,7 +185,7 @@ fn accept_loop(
                 // say so at most once a minute.
                 if last_error_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                     last_error_log = Some(Instant::now());
-                    eprintln!("http: accept: {e}");
+                    log::error!("http: accept: {e}");
                 }
                 thread::sleep(Duration::from_millis(10));
                 continue;
@@ -221,7 +221,7 @@ fn accept_loop(
                 let _ = connection.client.shutdown(Shutdown::Both);
             });
         if let Err(e) = spawned {
-            eprintln!("http: spawn a connection thread: {e}");
+            log::error!("http: spawn a connection thread: {e}");
         }
     }
 }

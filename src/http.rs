@@ -509,7 +509,7 @@ pub fn serve(
             Ok(request) => request,
             Err(_) if stopping.load(Ordering::Acquire) => return api,
             Err(e) => {
-                eprintln!("http: {e}");
+                log::error!("http: {e}");
                 continue;
             }
         };

@@ -1,10 +1,14 @@
-//! The `ipevents` binary: parses the command line and runs the server until a signal.
+//! The `ipevents` binary: sets up logging, parses the command line and runs the server until
+//! a signal.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
+use log::Level;
 
 fn main() -> ExitCode {
+    init_logging();
     let config = ipevents::config::Config::parse();
     // Reads FAILPOINTS from the environment in builds with the `failpoints` feature (tests).
     #[cfg(feature = "failpoints")]
@@ -12,8 +16,42 @@ fn main() -> ExitCode {
     match ipevents::server::run(&config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("ipevents: {message}");
+            log::error!("{message}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to stderr at the level RUST_LOG asks for (`info` by default), one line per record:
+/// `ipevents: warning: ...`. Under systemd (JOURNAL_STREAM set) each line starts with its
+/// syslog priority instead, which journald reads, and names nothing journald already knows.
+/// Records from libraries (tiny_http's, say) name the library.
+fn init_logging() {
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(move |out, record| {
+            let level = record.level();
+            if journal {
+                let priority = match level {
+                    Level::Error => 3,
+                    Level::Warn => 4,
+                    Level::Info => 6,
+                    Level::Debug | Level::Trace => 7,
+                };
+                write!(out, "<{priority}>")?;
+            } else {
+                write!(out, "ipevents: ")?;
+            }
+            match level {
+                Level::Error => write!(out, "error: ")?,
+                Level::Warn => write!(out, "warning: ")?,
+                Level::Info | Level::Debug | Level::Trace => {}
+            }
+            let target = record.target();
+            if target != "ipevents" && !target.starts_with("ipevents::") {
+                write!(out, "{target}: ")?;
+            }
+            writeln!(out, "{}", record.args())
+        })
+        .init();
 }

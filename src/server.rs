@@ -199,7 +199,7 @@ pub fn start(config: &Config) -> Result<Server, String> {
                 let _notice = notice;
                 if let Some(core) = core {
                     if !core_affinity::set_for_current(core) {
-                        eprintln!("warning: worker {id}: could not pin to core {}", core.id);
+                        log::warn!("worker {id}: could not pin to core {}", core.id);
                     }
                 }
                 worker.run()
@@ -308,11 +308,7 @@ impl Server {
             let records = snapshot::merge_records(exits.iter().map(|exit| exit.table.records()));
             snapshot::write(path, &records)
                 .map_err(|e| format!("write state file {}: {e}", path.display()))?;
-            eprintln!(
-                "ipevents: wrote {} apps to {}",
-                records.len(),
-                path.display()
-            );
+            log::info!("wrote {} apps to {}", records.len(), path.display());
         }
         let stats: Vec<WorkerStats> = exits.into_iter().map(|exit| exit.stats).collect();
         let totals = Totals::of(api.cluster());
@@ -368,8 +364,8 @@ pub fn run(config: &Config) -> Result<(), String> {
         .forward_signals()
         .map_err(|e| format!("install signal handlers: {e}"))?;
     if server.rcvbuf.capped() {
-        eprintln!(
-            "warning: udp receive buffer is {} bytes, not the {} asked: without CAP_NET_ADMIN the \
+        log::warn!(
+            "udp receive buffer is {} bytes, not the {} asked: without CAP_NET_ADMIN the \
              kernel caps it at net.core.rmem_max (raise it: sysctl -w net.core.rmem_max={})",
             server.rcvbuf.granted_bytes,
             server.rcvbuf.requested_bytes,
@@ -377,8 +373,8 @@ pub fn run(config: &Config) -> Result<(), String> {
         );
     }
     if server.restored_apps + server.unrestored_apps > 0 {
-        eprintln!(
-            "ipevents: restored {} apps from the state file{}",
+        log::info!(
+            "restored {} apps from the state file{}",
             server.restored_apps,
             if server.unrestored_apps > 0 {
                 format!("; {} left out at --max-apps", server.unrestored_apps)
@@ -387,8 +383,8 @@ pub fn run(config: &Config) -> Result<(), String> {
             }
         );
     }
-    eprintln!(
-        "ipevents: listening udp={} http={} workers={} steering={} rcvbuf_bytes={} batch={}",
+    log::info!(
+        "listening udp={} http={} workers={} steering={} rcvbuf_bytes={} batch={}",
         server.udp_addr,
         server.http_addr,
         server.workers,
@@ -398,7 +394,7 @@ pub fn run(config: &Config) -> Result<(), String> {
     );
     match server.wait() {
         Lifecycle::Signal(_) => {
-            eprintln!("ipevents: stopping: draining the sockets");
+            log::info!("stopping: draining the sockets");
             let report = server.shutdown()?;
             print!("{report}");
             Ok(())

@@ -25,10 +25,7 @@ pub fn restore(path: &Path, discard_bad_state: bool) -> Result<Vec<AppRecord>, S
     match snapshot::read(path) {
         Ok(Some(records)) => Ok(records),
         Ok(None) => {
-            eprintln!(
-                "ipevents: no state file at {} yet; starting empty",
-                path.display()
-            );
+            log::info!("no state file at {} yet; starting empty", path.display());
             Ok(Vec::new())
         }
         Err(BadState::Unreadable(e)) => Err(format!(
@@ -42,8 +39,8 @@ pub fn restore(path: &Path, discard_bad_state: bool) -> Result<Vec<AppRecord>, S
                     path.display()
                 )
             })?;
-            eprintln!(
-                "warning: state file {}: {bad}; moved it to {} and starting empty",
+            log::warn!(
+                "state file {}: {bad}; moved it to {} and starting empty",
                 path.display(),
                 aside.display()
             );
@@ -92,7 +89,7 @@ impl Snapshotter {
                 // Merging and writing a large state take seconds of CPU; under full load they
                 // wait for the workers, not the other way round.
                 if let Err(e) = socket::lower_thread_priority() {
-                    eprintln!("warning: snapshot thread keeps its priority: {e}");
+                    log::warn!("snapshot thread keeps its priority: {e}");
                 }
                 while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(interval)
@@ -111,7 +108,7 @@ impl Snapshotter {
                         Ok(apps) => counters.record_success(apps, started.elapsed()),
                         Err(e) => {
                             counters.record_failure();
-                            eprintln!("ipevents: snapshot to {} failed: {e}", path.display());
+                            log::error!("snapshot to {} failed: {e}", path.display());
                         }
                     }
                 }

@@ -424,7 +424,7 @@ impl Worker {
             .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(60))
         {
             self.last_error_log = Some(now);
-            eprintln!("worker {}: recvmmsg: {error}", self.id);
+            log::error!("worker {}: recvmmsg: {error}", self.id);
         }
     }
 }

@@ -20,7 +20,8 @@ fn modules_in_order() -> Vec<String> {
 
 /// Code lines of a file, without comment lines.
 fn code_lines(text: &str) -> impl Iterator<Item = &str> {
-    text.lines().filter(|line| !line.trim_start().starts_with("//"))
+    text.lines()
+        .filter(|line| !line.trim_start().starts_with("//"))
 }
 
 /// The crate modules `text` names as `crate::name`, in `use` lines or inline paths.

@@ -154,6 +154,30 @@ fn a_failed_worker_stops_the_server_with_its_reason() {
     assert!(last.contains("supervisor"), "{last}");
 }
 
+/// Logs go through levels (RUST_LOG, `info` by default), and the libraries' own records,
+/// tiny_http's among them, show with the library's name.
+#[test]
+fn logs_have_levels_and_show_the_libraries_records() {
+    let quiet = Server::start(&[]);
+    let startup = quiet.startup_log.clone();
+    let exit = quiet.stop();
+    assert!(exit.status.success(), "{}", exit.stderr);
+    let all = format!("{startup}{}", exit.stderr);
+    assert!(!all.contains("tiny_http"), "debug records at info: {all}");
+    assert!(all.contains("ipevents: stopping"), "{all}");
+
+    let chatty = Server::start_with_env(&[], &[("RUST_LOG", "debug")]);
+    assert!(
+        chatty
+            .startup_log
+            .contains("ipevents: tiny_http: Server listening on"),
+        "{}",
+        chatty.startup_log
+    );
+    let exit = chatty.stop();
+    assert!(exit.status.success(), "{}", exit.stderr);
+}
+
 #[test]
 fn help_explains_every_flag() {
     let exit = run_to_exit(&["--help"]);

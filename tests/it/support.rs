@@ -21,6 +21,8 @@ pub struct Server {
     child: Option<Child>,
     pub udp: SocketAddr,
     pub http: SocketAddr,
+    /// What the server logged before its "listening" line.
+    pub startup_log: String,
     stderr: mpsc::Receiver<String>,
     stdout: Option<thread::JoinHandle<String>>,
 }
@@ -61,6 +63,7 @@ impl Server {
             child: Some(child),
             udp: "0.0.0.0:0".parse().unwrap(),
             http: "0.0.0.0:0".parse().unwrap(),
+            startup_log: String::new(),
             stderr,
             stdout: Some(stdout),
         };
@@ -72,21 +75,21 @@ impl Server {
         server
     }
 
-    /// Waits for a stderr line containing `needle`; on failure returns what it saw.
+    /// Waits for a stderr line containing `needle`, keeping the lines before it in
+    /// `startup_log`; on failure returns what it saw.
     fn wait_for_line(&mut self, needle: &str) -> Result<String, String> {
         let deadline = Instant::now() + DEADLINE;
-        let mut seen = String::new();
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.stderr.recv_timeout(left) {
                 Ok(line) if line.contains(needle) => return Ok(line),
                 Ok(line) => {
-                    seen.push_str(&line);
-                    seen.push('\n');
+                    self.startup_log.push_str(&line);
+                    self.startup_log.push('\n');
                 }
                 Err(_) => break,
             }
         }
-        Err(seen)
+        Err(self.startup_log.clone())
     }
 
     pub fn pid(&self) -> u32 {
