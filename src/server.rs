@@ -138,6 +138,7 @@ pub fn bind_http(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), String> 
 
 /// Binds everything and starts the threads. Errors name the step that failed.
 pub fn start(config: &Config) -> Result<Server, String> {
+    let admin_token = config.admin_token()?;
     let (workers, cores) = plan_workers(config.workers, !config.no_pin)?;
     let records = match &config.state {
         Some(path) => snapshotter::restore(path, config.discard_bad_state)?,
@@ -223,7 +224,7 @@ pub fn start(config: &Config) -> Result<Server, String> {
         None => None,
     };
     let api = Api::new(Cluster::new(handles, budget, config.reply_timeout()))
-        .with_admin_token(config.admin_token.as_deref())
+        .with_admin_token(admin_token.as_deref())
         .with_snapshots(config.state.is_some().then_some(snapshot_counters))
         .with_gate(gate_counters);
     let http_server = Arc::new(http_server);

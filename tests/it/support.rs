@@ -21,8 +21,9 @@ pub struct Server {
     child: Option<Child>,
     pub udp: SocketAddr,
     pub http: SocketAddr,
-    /// What the server logged before its "listening" line.
+    /// What the server logged before its "listening" line, and that line.
     pub startup_log: String,
+    pub listening: String,
     stderr: mpsc::Receiver<String>,
     stdout: Option<thread::JoinHandle<String>>,
 }
@@ -43,8 +44,14 @@ impl Server {
 
     /// Like [`Server::start`], with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let loopback = ["--udp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--no-pin"];
+        Server::start_exactly(&[&loopback[..], args].concat(), env)
+    }
+
+    /// Starts the server with `args` and `env` and nothing else: the caller chooses loopback
+    /// addresses itself.
+    pub fn start_exactly(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ipevents"))
-            .args(["--udp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--no-pin"])
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -64,6 +71,7 @@ impl Server {
             udp: "0.0.0.0:0".parse().unwrap(),
             http: "0.0.0.0:0".parse().unwrap(),
             startup_log: String::new(),
+            listening: String::new(),
             stderr,
             stdout: Some(stdout),
         };
@@ -72,6 +80,7 @@ impl Server {
             .unwrap_or_else(|seen| panic!("server did not start; it said: {seen}"));
         server.udp = field(&line, "udp=").parse().unwrap();
         server.http = field(&line, "http=").parse().unwrap();
+        server.listening = line;
         server
     }
 
@@ -189,8 +198,14 @@ impl Drop for Server {
 
 /// Runs the server binary with `args` (no defaults added) and expects it to exit by itself.
 pub fn run_to_exit(args: &[&str]) -> Exit {
+    run_to_exit_with_env(args, &[])
+}
+
+/// Like [`run_to_exit`], with extra environment variables.
+pub fn run_to_exit_with_env(args: &[&str], env: &[(&str, &str)]) -> Exit {
     let output = Command::new(env!("CARGO_BIN_EXE_ipevents"))
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .expect("run the server binary");
