@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::{Receiver, Sender};
+use sd_notify::NotifyState;
 
 use std::path::PathBuf;
 
@@ -208,6 +209,11 @@ pub fn start(config: &Config) -> Result<Server, String> {
             .map_err(|e| format!("spawn worker {id}: {e}"))?;
         worker_threads.push(Some(thread));
     }
+    // A worker answers commands only from inside its loop, so one round trip to each proves
+    // that every worker runs: the readiness that `run` reports to systemd.
+    Cluster::new(handles.clone(), budget.clone(), config.reply_timeout())
+        .stats()
+        .map_err(|e| format!("start the workers: {e}"))?;
 
     let snapshot_counters = Arc::new(SnapshotCounters::default());
     let snapshotter = match &config.state {
@@ -358,6 +364,15 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// Tells systemd how the server is doing, when it runs the server as a `Type=notify` service
+/// (NOTIFY_SOCKET is set); otherwise does nothing. A failure to tell it is not worth
+/// stopping for: systemd then times the start out by itself.
+fn tell_service_manager(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        log::warn!("tell systemd {states:?}: {e}");
+    }
+}
+
 /// Runs the server until SIGINT or SIGTERM and prints the report; the body of `main`.
 pub fn run(config: &Config) -> Result<(), String> {
     let server = start(config)?;
@@ -393,8 +408,16 @@ pub fn run(config: &Config) -> Result<(), String> {
         server.rcvbuf.granted_bytes,
         config.batch
     );
+    tell_service_manager(&[
+        NotifyState::Ready,
+        NotifyState::Status(&format!(
+            "listening udp={} http={}",
+            server.udp_addr, server.http_addr
+        )),
+    ]);
     match server.wait() {
         Lifecycle::Signal(_) => {
+            tell_service_manager(&[NotifyState::Stopping]);
             log::info!("stopping: draining the sockets");
             let report = server.shutdown()?;
             print!("{report}");

@@ -10,3 +10,4 @@ mod lifecycle;
 mod regressions;
 mod restart;
 mod support;
+mod systemd;
