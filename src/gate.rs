@@ -551,6 +551,12 @@ mod tests {
                 true,
             ))),
         );
+        // TE would let a client ask tiny_http for a chunked answer, which the gate could not
+        // relay by its length: it is not forwarded.
+        check(
+            b"GET /metrics HTTP/1.1\r\nTE: chunked\r\nHost: a\r\n\r\n",
+            Ok(Some(("GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n", 0, false))),
+        );
         check(
             b"DELETE /events HTTP/1.1\r\nConnection: close\r\nExpect: 100-continue\r\n\r\n",
             Ok(Some((

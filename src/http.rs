@@ -598,6 +598,31 @@ mod tests {
         );
     }
 
+    /// The gate relays an answer by its Content-Length, so tiny_http must never chunk one,
+    /// however large (its own threshold is 32 KiB).
+    #[test]
+    fn responses_are_never_chunked() {
+        for (status, body_bytes) in [(200, 0), (200, 1 << 20), (404, 100), (204, 0)] {
+            let response = ApiResponse::text(status, "text/plain", vec![b'x'; body_bytes]);
+            let mut raw = Vec::new();
+            to_tiny_http(response)
+                .raw_print(&mut raw, (1, 1).into(), &[], false, None)
+                .unwrap();
+            let text = String::from_utf8_lossy(&raw);
+            let head = &text[..text.find("\r\n\r\n").expect("a complete head")];
+            assert!(
+                !head.to_ascii_lowercase().contains("transfer-encoding"),
+                "{head}"
+            );
+            if status != 204 {
+                assert!(
+                    head.contains(&format!("Content-Length: {body_bytes}")),
+                    "{head}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn routes() {
         assert_eq!(Route::of("/events"), Route::Events);

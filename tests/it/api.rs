@@ -276,6 +276,33 @@ fn a_silent_worker_gives_503_not_a_hang() {
     assert_eq!(metrics.status, 200);
 }
 
+/// Answers always carry a Content-Length and are never chunked, even when the client asks
+/// for chunks with TE: the gate relays an answer by its length.
+#[test]
+fn responses_are_never_chunked() {
+    let server = Server::start(&["--workers", "2"]);
+    let app = format!("/events/{SHA}");
+    for (method, path) in [
+        ("GET", "/metrics"),
+        ("GET", "/healthz"),
+        ("GET", app.as_str()),
+        ("GET", "/nowhere"),
+        ("PUT", "/events"),
+        ("DELETE", "/events"),
+    ] {
+        let response = server.request(method, path, &[("TE", "chunked, trailers")], b"");
+        assert_eq!(
+            response.header("Transfer-Encoding"),
+            None,
+            "{method} {path}"
+        );
+        if response.status != 204 {
+            let length: usize = response.header("Content-Length").unwrap().parse().unwrap();
+            assert_eq!(length, response.body.len(), "{method} {path}");
+        }
+    }
+}
+
 /// The admin token comes from a file or the environment, never from the command line, and
 /// the server never prints it.
 #[test]
