@@ -7,6 +7,7 @@ mod hostile;
 mod ingest;
 mod layout;
 mod lifecycle;
+mod metrics;
 mod regressions;
 mod restart;
 mod support;

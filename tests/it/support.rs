@@ -229,7 +229,7 @@ fn forward_lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     rx
 }
 
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
+pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
     line.split_whitespace()
         .find_map(|word| word.strip_prefix(key))
         .unwrap_or_else(|| panic!("no {key} in {line:?}"))
