@@ -1,5 +1,8 @@
-//! The server's lifecycle: bind the sockets, start and pin the workers and the HTTP thread,
-//! wait for a signal or a failure, then stop in order and report.
+//! The server's lifecycle, and only that: it wires the parts together and sequences them.
+//! Bind the sockets, restore the state file, start and pin the workers, the gate, the HTTP
+//! thread and the snapshot thread, tell systemd when it is ready, wait for a signal or a
+//! failure, then tell systemd it is stopping, stop in order and report. What the flags mean
+//! is `config`'s; the state file's thread is `snapshotter`'s.
 //!
 //! Set-up errors come back as one line naming what failed; nothing here runs per datagram.
 
