@@ -1,7 +1,9 @@
 //! Renders what the server counts: the Prometheus text of `/metrics` and the report printed
-//! at shutdown, from plain values in a [`Stats`] that this module owns. It knows nothing of
-//! the HTTP handler, the gate or the snapshot thread that the values come from, and it never
-//! asks a worker to stop for it.
+//! at shutdown, from plain values in a [`Stats`] that this module owns. The only thing it
+//! reads itself is the workers' counters ([`Totals::of`], [`WorkerSample::of`]: relaxed
+//! atomics and SO_MEMINFO, through the cluster); it knows nothing of the HTTP handler, the
+//! gate or the snapshot thread that the other values come from, and it never asks a worker to
+//! stop for it.
 //!
 //! Another part of the server (a store backend, say) adds families of its own through a
 //! [`Source`], which renders them with [`single`] and [`labelled`] when `/metrics` is asked for.
@@ -509,6 +511,76 @@ fn format_ns(ns: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Backend;
+
+    impl Source for Backend {
+        fn render(&self, out: &mut String) {
+            single(out, "backend_writes_total", "counter", "Writes.", 7);
+        }
+    }
+
+    #[test]
+    fn renders_plain_stats() {
+        let histogram = crate::worker::new_histogram();
+        let mut extra = String::new();
+        Backend.render(&mut extra);
+        let stats = Stats {
+            workers: vec![WorkerSample {
+                id: 0,
+                received: 5,
+                ingested: 4,
+                kernel_drops: None,
+                recv_errors: 0,
+                rcvbuf_bytes: Some(4096),
+            }],
+            totals: Totals {
+                received: 5,
+                ingested: 4,
+                ..Totals::default()
+            },
+            app_entries: 1,
+            snapshots: Some(SnapshotSample {
+                last_success_unix_s: 1_764_580_000,
+                ..SnapshotSample::default()
+            }),
+            gate: Some(GateSample {
+                open_connections: 2,
+                accepted: 3,
+                refused: vec![("timeout", 1)],
+            }),
+            requests: vec![("/metrics", 200, 9)],
+            worker_latencies: None,
+            query_ns: &histogram,
+            reset_ns: &histogram,
+            process: None,
+            extra: vec![extra],
+        };
+        let text = render(&stats);
+        for line in [
+            "ipevents_datagrams_received_total{worker=\"0\"} 5",
+            "ipevents_socket_receive_buffer_bytes{worker=\"0\"} 4096",
+            "ipevents_datagrams_invalid_total{reason=\"bad_sha\"} 0",
+            "ipevents_apps_tracked 1",
+            "ipevents_snapshot_last_success_timestamp_seconds 1764580000",
+            "ipevents_http_connections_open 2",
+            "ipevents_http_refused_total{reason=\"timeout\"} 1",
+            "ipevents_http_requests_total{route=\"/metrics\",code=\"200\"} 9",
+            "# TYPE ipevents_backend_writes_total counter",
+            "ipevents_backend_writes_total 7",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        // A worker whose kernel does not report drops has no drops sample, and nothing from
+        // /proc shows without a process sample, nor worker summaries without latencies.
+        for absent in [
+            "ipevents_kernel_drops_total{",
+            "process_",
+            "ipevents_batch_seconds",
+        ] {
+            assert!(!text.contains(absent), "{absent} in\n{text}");
+        }
+    }
 
     #[test]
     fn formats_durations() {
