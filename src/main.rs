@@ -23,11 +23,11 @@ fn main() -> ExitCode {
 }
 
 /// Logs to stderr at the level RUST_LOG asks for (`info` by default), one line per record:
-/// `ipevents: warning: ...`. Under systemd (JOURNAL_STREAM set) each line starts with its
-/// syslog priority instead, which journald reads, and names nothing journald already knows.
+/// `ipevents: warning: ...`. When stderr is the journal, each line starts with its syslog
+/// priority instead, which journald reads, and names nothing journald already knows.
 /// Records from libraries (tiny_http's, say) name the library.
 fn init_logging() {
-    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let journal = stderr_is_the_journal();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format(move |out, record| {
             let level = record.level();
@@ -54,4 +54,20 @@ fn init_logging() {
             writeln!(out, "{}", record.args())
         })
         .init();
+}
+
+/// Whether stderr is systemd's journal stream: JOURNAL_STREAM names its device and inode, and
+/// a child of the service that writes elsewhere inherits the variable but not the stream.
+fn stderr_is_the_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((device, inode)) = stream.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let Ok(stderr) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    device.parse() == Ok(stderr.dev()) && inode.parse() == Ok(stderr.ino())
 }

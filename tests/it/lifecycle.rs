@@ -178,6 +178,43 @@ fn logs_have_levels_and_show_the_libraries_records() {
     assert!(exit.status.success(), "{}", exit.stderr);
 }
 
+/// When stderr is the journal (JOURNAL_STREAM names it), each line starts with its syslog
+/// priority for journald; when the variable names another stream, lines stay as they are.
+#[test]
+fn log_lines_carry_syslog_priorities_for_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp = taken.local_addr().unwrap().to_string();
+    let path = std::env::temp_dir().join(format!("ipevents-it-{}-journal", std::process::id()));
+    for journal in [true, false] {
+        let file = std::fs::File::create(&path).unwrap();
+        let meta = file.metadata().unwrap();
+        let stream = if journal {
+            format!("{}:{}", meta.dev(), meta.ino())
+        } else {
+            format!("{}:{}", meta.dev(), meta.ino() + 1)
+        };
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_ipevents"))
+            .args(["--udp", &udp, "--http", "127.0.0.1:0", "--no-pin"])
+            .env("JOURNAL_STREAM", &stream)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(1));
+        let logged = std::fs::read_to_string(&path).unwrap();
+        let want = if journal {
+            "<3>error: bind udp"
+        } else {
+            "ipevents: error: bind udp"
+        };
+        assert!(logged.starts_with(want), "{journal}: {logged}");
+        assert_eq!(logged.lines().count(), 1, "{logged}");
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
 /// Every flag is explained in --help, with the variable that sets it from the environment.
 #[test]
 fn help_explains_every_flag() {
