@@ -1,9 +1,10 @@
 # frozen_string_literal: true
 # The IpEvent message for Ruby, from proto/ip_event.proto, in the form that
 # `protoc --ruby_out` generates since protobuf 3.25: the file's serialized
-# FileDescriptorProto, added to the generated pool. It loads with Debian's
-# ruby-google-protobuf (3.21) and with the protobuf 4.x gem, which dropped the older
-# add_file/add_message DSL. Regenerate with: protoc -Iproto --ruby_out=tools ip_event.proto
+# FileDescriptorProto, added to the generated pool. Debian's ruby-google-protobuf (3.21)
+# loads it (CI runs tools/client.rb with it), and it is the only form the protobuf 4.x gem
+# takes, which dropped the older add_file/add_message DSL.
+# Regenerate with: protoc -Iproto --ruby_out=tools ip_event.proto
 
 require 'google/protobuf'
 
