@@ -27,7 +27,7 @@ impl Backend {
     }
 
     /// Cluster mode's node state, for `/metrics` and the shutdown report.
-    pub fn node(&self) -> Option<&Node> {
+    pub fn node(&self) -> Option<&std::sync::Arc<Node>> {
         match self {
             Backend::Standalone(_) => None,
             Backend::Shared { view, .. } => Some(view.node()),

@@ -20,6 +20,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hdrhistogram::Histogram;
 
 use crate::cluster::{Cluster, Unavailable};
+use crate::metrics::{self, ReportExtra};
 use crate::redis_store::{
     Changes, FlushSeq, RedisStore, ResetId, StoreError, StoreErrorKind, StoreSettings,
 };
@@ -624,5 +625,96 @@ impl Node {
     /// The epoch this node counts in.
     pub fn epoch(&self) -> u64 {
         self.lock().epoch
+    }
+}
+
+/// Cluster mode's families in `/metrics`.
+pub struct StoreMetrics(pub Arc<Node>);
+
+impl metrics::Source for StoreMetrics {
+    fn render(&self, out: &mut String) {
+        let counters = &self.0.counters;
+        let get = StoreCounters::get;
+        let help = "Flushes of this node's deltas that the store took.";
+        metrics::single(
+            out,
+            "store_flushes_total",
+            "counter",
+            help,
+            get(&counters.flushes),
+        );
+        metrics::labelled(
+            out,
+            "store_flush_errors_total",
+            "counter",
+            "Flushes that failed and are retried, by kind of failure.",
+            "kind",
+            StoreErrorKind::ALL.map(|k| (k.as_str(), get(&counters.flush_errors[k.index()]))),
+        );
+        metrics::labelled(
+            out,
+            "store_request_errors_total",
+            "counter",
+            "Queries and resets that failed because of the store, by kind of failure.",
+            "kind",
+            StoreErrorKind::ALL.map(|k| (k.as_str(), get(&counters.request_errors[k.index()]))),
+        );
+        let rows: [(&str, &str, &str, u64); 6] = [
+            ("store_apps_flushed_total", "counter", "App deltas written to the store.",
+             get(&counters.apps_flushed)),
+            ("store_pairs_flushed_total", "counter", "(app, ip) deltas written to the store.",
+             get(&counters.pairs_flushed)),
+            ("store_duplicate_apps_total", "counter",
+             "App deltas of retried flushes that the store had already applied (not counted twice).",
+             get(&counters.duplicate_apps)),
+            ("store_stale_apps_total", "counter",
+             "App deltas the store refused because the app was reset after they were taken.",
+             get(&counters.stale_apps)),
+            ("store_pending_pairs", "gauge",
+             "(app, ip) deltas taken from the workers and not yet in the store.",
+             get(&counters.pending_pairs)),
+            ("store_up", "gauge",
+             "Whether the store answered this node's last request (1) or not (0).",
+             u64::from(counters.store_up.load(Ordering::Relaxed))),
+        ];
+        for (name, kind, help, value) in rows {
+            metrics::single(out, name, kind, help, value);
+        }
+        metrics::summary(
+            out,
+            "store_round_trip_seconds",
+            "Round trip of a query's or a reset's request to the store.",
+            &StoreCounters::histogram(&counters.round_trip_ns),
+        );
+        metrics::summary(
+            out,
+            "store_flush_seconds",
+            "One flush: taking the workers' tables, merging them and writing them.",
+            &StoreCounters::histogram(&counters.flush_ns),
+        );
+    }
+}
+
+impl Node {
+    /// Cluster mode's lines and latency rows in the shutdown report.
+    pub fn report_extra(&self) -> ReportExtra {
+        let c = &self.counters;
+        let get = StoreCounters::get;
+        ReportExtra {
+            lines: vec![format!(
+                "store: flushes {}, flush errors {}, apps flushed {}, pairs flushed {}, \
+                 pending pairs {}, dropped at --max-pending-pairs {}",
+                get(&c.flushes),
+                c.flush_errors.iter().map(get).sum::<u64>(),
+                get(&c.apps_flushed),
+                get(&c.pairs_flushed),
+                get(&c.pending_pairs),
+                get(&c.backlog_drops)
+            )],
+            latencies: vec![
+                ("store rtt", StoreCounters::histogram(&c.round_trip_ns)),
+                ("flush", StoreCounters::histogram(&c.flush_ns)),
+            ],
+        }
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! [`Api::respond`] maps an [`ApiRequest`] to an [`ApiResponse`] with no socket involved, so
 //! the handling is testable and fuzzable on its own; [`serve`] only moves requests between
-//! tiny_http and it. The API never touches a worker's table: it goes through the [`Cluster`].
+//! tiny_http and it. The API never touches a worker's table: it goes through the [`Backend`].
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -15,15 +15,18 @@ use serde::Serialize;
 
 use crate::backend::Backend;
 use crate::cluster::{Cluster, Unavailable};
-use crate::gate::GateCounters;
-use crate::metrics;
+use crate::gate::{GateCounters, Refusal, FORWARDED_HEADERS};
+use crate::metrics::{self, GateSample, SnapshotSample, Stats, Totals, WorkerSample};
+use crate::process;
 use crate::snapshot::SnapshotCounters;
 use crate::store::{Applied, Verdict};
 use crate::wire::{self, AppKey};
 use crate::worker::{as_nanos, new_histogram, Latencies};
 
-/// The largest body `POST /events` takes.
-pub const MAX_BODY_BYTES: usize = 4096;
+/// The largest body `POST /events` takes. It is configured with the gate's limits, which
+/// refuse a larger body before it reaches the API; the API checks it again for requests that
+/// come by other means (the fuzzer drives [`Api::respond`] directly).
+pub use crate::gate::MAX_BODY_BYTES;
 
 /// The routes, as they are labelled in `/metrics`: a small fixed set, never a sha.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -51,7 +54,13 @@ impl Route {
             "/events" => Route::Events,
             "/healthz" => Route::Healthz,
             "/metrics" => Route::Metrics,
-            _ if path.starts_with("/events/") => Route::App,
+            // One more segment names an app; a path with more segments is unknown.
+            _ if path
+                .strip_prefix("/events/")
+                .is_some_and(|app| !app.contains('/')) =>
+            {
+                Route::App
+            }
             _ => Route::Unknown,
         }
     }
@@ -181,6 +190,8 @@ pub struct Api {
     pub reset_ns: Histogram<u64>,
     /// The workers' merged histograms and when they were fetched.
     worker_latencies: Option<(Instant, Latencies)>,
+    /// Other parts of the server with families of their own for `/metrics`.
+    metric_sources: Vec<Box<dyn metrics::Source>>,
 }
 
 /// How old the workers' histograms in `/metrics` may be. Fetching them costs every worker a
@@ -199,6 +210,7 @@ impl Api {
             query_ns: new_histogram(),
             reset_ns: new_histogram(),
             worker_latencies: None,
+            metric_sources: Vec::new(),
         }
     }
 
@@ -220,12 +232,66 @@ impl Api {
         self
     }
 
+    /// Adds families of another part of the server (a store backend, say) to `/metrics`.
+    pub fn with_metric_source(mut self, source: Box<dyn metrics::Source>) -> Api {
+        self.metric_sources.push(source);
+        self
+    }
+
     pub fn cluster(&self) -> &Cluster {
         self.backend.workers()
     }
 
     pub fn backend(&self) -> &Backend {
         &self.backend
+    }
+
+    /// What `/metrics` shows, as plain values.
+    pub fn stats(&mut self) -> Stats<'_> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let worker_latencies = self.worker_latencies();
+        let snapshots = self.snapshots.as_ref().map(|c| SnapshotSample {
+            taken: c.taken.load(Relaxed),
+            failed: c.failed.load(Relaxed),
+            last_apps: c.last_apps.load(Relaxed),
+            last_duration_ns: c.last_duration_ns.load(Relaxed),
+            last_success_unix_s: c.last_success_unix_s.load(Relaxed),
+        });
+        let gate = self.gate.as_ref().map(|c| GateSample {
+            open_connections: c.open_connections.load(Relaxed),
+            accepted: c.accepted.load(Relaxed),
+            refused: Refusal::ALL.map(|r| (r.as_str(), c.refused(r))).to_vec(),
+        });
+        let extra = self
+            .metric_sources
+            .iter()
+            .map(|source| {
+                let mut families = String::new();
+                source.render(&mut families);
+                families
+            })
+            .collect();
+        Stats {
+            workers: WorkerSample::of(self.cluster()),
+            totals: Totals::of(self.cluster()),
+            app_entries: self.cluster().app_entries(),
+            snapshots,
+            gate,
+            requests: self
+                .requests
+                .iter()
+                .map(|(&(route, status), &count)| (route.label(), status, count))
+                .collect(),
+            worker_latencies,
+            query_ns: &self.query_ns,
+            reset_ns: &self.reset_ns,
+            process: process::sample().ok(),
+            extra,
+            store_backlog_drops: self
+                .backend
+                .node()
+                .map_or(0, |node| node.counters.backlog_drops.load(Relaxed)),
+        }
     }
 
     /// The workers' merged latency histograms, fetched at most once per
@@ -283,7 +349,7 @@ impl Api {
                 Some(problem) => ApiResponse::text(503, "text/plain", problem),
             },
             (Route::Metrics, "GET") => {
-                let text = metrics::render(self);
+                let text = metrics::render(&self.stats());
                 ApiResponse::text(200, "text/plain; version=0.0.4", text)
             }
             (Route::Events, "DELETE") => match self.backend.reset_all() {
@@ -408,19 +474,12 @@ pub fn accepts_json(accept: Option<&str>) -> bool {
 /// Reads what the API needs from a tiny_http request; the body only up to one byte past the
 /// limit, so a huge body costs no memory.
 pub fn read_request(request: &mut tiny_http::Request) -> ApiRequest {
-    let header = |name: &'static str| {
-        request
-            .headers()
-            .iter()
-            .find(|h| h.field.equiv(name))
-            .map(|h| h.value.as_str().to_owned())
-    };
     let mut api_request = ApiRequest {
         method: request.method().as_str().to_owned(),
         url: request.url().to_owned(),
-        accept: header("Accept"),
-        content_type: header("Content-Type"),
-        authorization: header("Authorization"),
+        accept: request_header(request, "Accept"),
+        content_type: request_header(request, "Content-Type"),
+        authorization: request_header(request, "Authorization"),
         body: Vec::new(),
         content_length: request.body_length(),
     };
@@ -431,6 +490,23 @@ pub fn read_request(request: &mut tiny_http::Request) -> ApiRequest {
             .read_to_end(&mut api_request.body);
     }
     api_request
+}
+
+/// The value of a request header. Requests reach the API through the gate, which forwards
+/// only [`FORWARDED_HEADERS`]: reading any other header would see nothing in production, so
+/// it is refused here, and a test checks every call in this file against the gate's list.
+fn request_header(request: &tiny_http::Request, name: &'static str) -> Option<String> {
+    assert!(
+        FORWARDED_HEADERS
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name)),
+        "the gate does not forward {name}"
+    );
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv(name))
+        .map(|h| h.value.as_str().to_owned())
 }
 
 /// Answers requests until `server` is unblocked; returns the API for the final report.
@@ -445,7 +521,7 @@ pub fn serve(
             Ok(request) => request,
             Err(_) if stopping.load(Ordering::Acquire) => return api,
             Err(e) => {
-                eprintln!("http: {e}");
+                log::error!("http: {e}");
                 continue;
             }
         };
@@ -461,18 +537,18 @@ fn to_tiny_http(response: ApiResponse) -> tiny_http::Response<std::io::Cursor<Ve
         .with_status_code(response.status)
         .with_chunked_threshold(usize::MAX);
     if let Some(content_type) = response.content_type {
-        out.add_header(header("Content-Type", content_type));
+        out.add_header(response_header("Content-Type", content_type));
     }
     if let Some(allow) = response.allow {
-        out.add_header(header("Allow", allow));
+        out.add_header(response_header("Allow", allow));
     }
     if response.www_authenticate {
-        out.add_header(header("WWW-Authenticate", "Bearer"));
+        out.add_header(response_header("WWW-Authenticate", "Bearer"));
     }
     out
 }
 
-fn header(name: &'static str, value: &'static str) -> tiny_http::Header {
+fn response_header(name: &'static str, value: &'static str) -> tiny_http::Header {
     tiny_http::Header::from_bytes(name, value).expect("static headers are valid")
 }
 
@@ -534,11 +610,41 @@ mod tests {
         );
     }
 
+    /// The gate relays an answer by its Content-Length, so tiny_http must never chunk one,
+    /// however large (its own threshold is 32 KiB).
+    #[test]
+    fn responses_are_never_chunked() {
+        for (status, body_bytes) in [(200, 0), (200, 1 << 20), (404, 100), (204, 0)] {
+            let response = ApiResponse::text(status, "text/plain", vec![b'x'; body_bytes]);
+            let mut raw = Vec::new();
+            to_tiny_http(response)
+                .raw_print(&mut raw, (1, 1).into(), &[], false, None)
+                .unwrap();
+            let text = String::from_utf8_lossy(&raw);
+            let head = &text[..text.find("\r\n\r\n").expect("a complete head")];
+            assert!(
+                !head.to_ascii_lowercase().contains("transfer-encoding"),
+                "{head}"
+            );
+            if status != 204 {
+                assert!(
+                    head.contains(&format!("Content-Length: {body_bytes}")),
+                    "{head}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn routes() {
         assert_eq!(Route::of("/events"), Route::Events);
         assert_eq!(Route::of("/events/abc"), Route::App);
         assert_eq!(Route::of("/events/"), Route::App);
+        assert_eq!(
+            Route::of(&format!("/events/{}/extra", "ab".repeat(32))),
+            Route::Unknown
+        );
+        assert_eq!(Route::of("/events//"), Route::Unknown);
         assert_eq!(Route::of("/eventsx"), Route::Unknown);
         assert_eq!(Route::of("/"), Route::Unknown);
         assert_eq!(parse_app(&"Ab".repeat(32)), Some(AppKey([0xab; 32])));

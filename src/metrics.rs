@@ -1,18 +1,19 @@
 //! Renders what the server counts: the Prometheus text of `/metrics` and the report printed
-//! at shutdown. It reads worker counters (relaxed atomics), kernel counters and histograms
-//! handed over by the workers; it never asks a worker to stop for it.
+//! at shutdown, from plain values in a [`Stats`] that this module owns. The only thing it
+//! reads itself is the workers' counters ([`Totals::of`], [`WorkerSample::of`]: relaxed
+//! atomics and SO_MEMINFO, through the cluster); it knows nothing of the HTTP handler, the
+//! gate or the snapshot thread that the other values come from, and it never asks a worker to
+//! stop for it.
+//!
+//! Another part of the server (a store backend, say) adds families of its own through a
+//! [`Source`], which renders them with [`single`] and [`labelled`] when `/metrics` is asked for.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use hdrhistogram::Histogram;
 
 use crate::cluster::Cluster;
-use crate::flusher::StoreCounters;
-use crate::gate::{GateCounters, Refusal};
-use crate::http::Api;
-use crate::redis_store::StoreErrorKind;
-use crate::snapshot::SnapshotCounters;
+use crate::process::ProcessSample;
 use crate::wire::Reject;
 use crate::worker::{Counters, Latencies, WorkerStats};
 
@@ -20,6 +21,103 @@ const NAMESPACE: &str = "ipevents";
 
 /// The quantiles of every latency summary and of the shutdown tables.
 const QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
+
+/// The version of the compiler that built the server, for `ipevents_build_info`.
+const RUSTC_VERSION: &str = env!("IPEVENTS_RUSTC_VERSION");
+
+/// Everything `/metrics` shows, as plain values.
+pub struct Stats<'a> {
+    pub workers: Vec<WorkerSample>,
+    pub totals: Totals,
+    /// App entries held by all workers together.
+    pub app_entries: usize,
+    /// The snapshot thread's counters, when there is a state file.
+    pub snapshots: Option<SnapshotSample>,
+    /// The HTTP gate's counters, when there is a gate.
+    pub gate: Option<GateSample>,
+    /// HTTP requests answered: (route label, status, count).
+    pub requests: Vec<(&'static str, u16, u64)>,
+    /// The workers' merged histograms; `None` when a worker did not answer in time.
+    pub worker_latencies: Option<Latencies>,
+    pub query_ns: &'a Histogram<u64>,
+    pub reset_ns: &'a Histogram<u64>,
+    /// The process's own figures from /proc; `None` when /proc cannot be read.
+    pub process: Option<ProcessSample>,
+    /// Families rendered by [`Source`]s, appended as they are.
+    pub extra: Vec<String>,
+    /// Events dropped because the unwritten deltas were at `--max-pending-pairs` (cluster
+    /// mode; 0 standalone), a cause of `ipevents_events_dropped_total`.
+    pub store_backlog_drops: u64,
+}
+
+/// What another part of the server adds to the shutdown report: lines after the totals, and
+/// rows of the latency table.
+#[derive(Default)]
+pub struct ReportExtra {
+    pub lines: Vec<String>,
+    pub latencies: Vec<(&'static str, Histogram<u64>)>,
+}
+
+/// One worker's counters and socket.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerSample {
+    pub id: usize,
+    pub received: u64,
+    pub ingested: u64,
+    /// `None` when the kernel does not report drops (SO_MEMINFO).
+    pub kernel_drops: Option<u64>,
+    pub recv_errors: u64,
+    /// The receive buffer the kernel granted the worker's socket; `None` when it cannot be
+    /// read.
+    pub rcvbuf_bytes: Option<usize>,
+}
+
+/// The snapshot thread's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotSample {
+    pub taken: u64,
+    pub failed: u64,
+    pub last_apps: u64,
+    pub last_duration_ns: u64,
+    /// When the last successful snapshot was written, in seconds since the Unix epoch; 0
+    /// before the first.
+    pub last_success_unix_s: u64,
+}
+
+/// The HTTP gate's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GateSample {
+    pub open_connections: usize,
+    pub accepted: u64,
+    /// Refusals by reason: (label, count), every reason listed.
+    pub refused: Vec<(&'static str, u64)>,
+}
+
+/// Something with metric families of its own to add to `/metrics`.
+pub trait Source: Send {
+    /// Appends complete families (HELP, TYPE and samples) to `out`.
+    fn render(&self, out: &mut String);
+}
+
+impl WorkerSample {
+    pub fn of(cluster: &Cluster) -> Vec<WorkerSample> {
+        cluster
+            .workers()
+            .iter()
+            .map(|worker| {
+                let c = &worker.counters;
+                WorkerSample {
+                    id: worker.id,
+                    received: Counters::get(&c.datagrams_received),
+                    ingested: Counters::get(&c.events_ingested),
+                    kernel_drops: worker.kernel_drops(),
+                    recv_errors: Counters::get(&c.recv_errors),
+                    rcvbuf_bytes: worker.rcvbuf_bytes(),
+                }
+            })
+            .collect()
+    }
+}
 
 /// Totals over all workers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -53,47 +151,69 @@ impl Totals {
 }
 
 /// The text of `GET /metrics`.
-pub fn render(api: &mut Api) -> String {
-    let worker_latencies = api.worker_latencies();
-    let api = &*api;
-    let cluster = api.cluster();
+pub fn render(stats: &Stats) -> String {
     let mut out = String::with_capacity(4096);
-    let per_worker =
-        |out: &mut String, name: &str, help: &str, value: &dyn Fn(usize) -> Option<u64>| {
-            family(out, name, "counter", help);
-            for worker in cluster.workers() {
-                if let Some(v) = value(worker.id) {
-                    let _ = writeln!(out, "{NAMESPACE}_{name}{{worker=\"{}\"}} {v}", worker.id);
-                }
+    let labels = format!(
+        "version=\"{}\",rustc=\"{RUSTC_VERSION}\"",
+        env!("CARGO_PKG_VERSION")
+    );
+    family(
+        &mut out,
+        "build_info",
+        "gauge",
+        "The server's version and the compiler that built it, as labels; the value is 1.",
+    );
+    let _ = writeln!(out, "{NAMESPACE}_build_info{{{labels}}} 1");
+    let per_worker = |out: &mut String,
+                      name: &str,
+                      kind: &str,
+                      help: &str,
+                      value: &dyn Fn(&WorkerSample) -> Option<u64>| {
+        family(out, name, kind, help);
+        for worker in &stats.workers {
+            if let Some(v) = value(worker) {
+                let _ = writeln!(out, "{NAMESPACE}_{name}{{worker=\"{}\"}} {v}", worker.id);
             }
-        };
-    let workers = cluster.workers();
+        }
+    };
     per_worker(
         &mut out,
         "datagrams_received_total",
+        "counter",
         "Datagrams read from the UDP socket.",
-        &|i| Some(Counters::get(&workers[i].counters.datagrams_received)),
+        &|w| Some(w.received),
     );
     per_worker(
         &mut out,
         "events_ingested_total",
+        "counter",
         "Valid events counted (UDP and POST).",
-        &|i| Some(Counters::get(&workers[i].counters.events_ingested)),
+        &|w| Some(w.ingested),
     );
     per_worker(
         &mut out,
         "kernel_drops_total",
+        "counter",
         "Datagrams the kernel dropped because the socket's receive queue was full (SO_MEMINFO).",
-        &|i| workers[i].kernel_drops(),
+        &|w| w.kernel_drops,
     );
     per_worker(
         &mut out,
         "recv_errors_total",
+        "counter",
         "Failed recvmmsg calls.",
-        &|i| Some(Counters::get(&workers[i].counters.recv_errors)),
+        &|w| Some(w.recv_errors),
+    );
+    per_worker(
+        &mut out,
+        "socket_receive_buffer_bytes",
+        "gauge",
+        "Receive buffer the kernel granted the worker's UDP socket (--rcvbuf, capped by \
+         net.core.rmem_max without CAP_NET_ADMIN).",
+        &|w| w.rcvbuf_bytes.map(|bytes| bytes as u64),
     );
 
-    let totals = Totals::of(cluster);
+    let totals = &stats.totals;
     labelled(
         &mut out,
         "datagrams_invalid_total",
@@ -111,7 +231,7 @@ pub fn render(api: &mut Api) -> String {
         "cause",
         [
             ("max_apps", totals.app_cap_drops),
-            ("store_backlog", store_backlog_drops(api)),
+            ("store_backlog", stats.store_backlog_drops),
         ],
     );
     single(
@@ -126,23 +246,20 @@ pub fn render(api: &mut Api) -> String {
         "apps_tracked",
         "gauge",
         "App entries held by the workers; an app seen by k workers counts k times.",
-        cluster.app_entries(),
+        stats.app_entries,
     );
     single(
         &mut out,
         "workers",
         "gauge",
         "Ingest workers.",
-        workers.len(),
+        stats.workers.len(),
     );
 
-    if let Some(snapshots) = &api.snapshots {
+    if let Some(snapshots) = &stats.snapshots {
         snapshot_metrics(&mut out, snapshots);
     }
-    if let Some(node) = api.backend().node() {
-        store_metrics(&mut out, &node.counters);
-    }
-    if let Some(gate) = &api.gate {
+    if let Some(gate) = &stats.gate {
         gate_metrics(&mut out, gate);
     }
     family(
@@ -151,17 +268,16 @@ pub fn render(api: &mut Api) -> String {
         "counter",
         "HTTP requests answered, by route and status.",
     );
-    for ((route, status), count) in &api.requests {
+    for (route, status, count) in &stats.requests {
         let _ = writeln!(
             out,
-            "{NAMESPACE}_http_requests_total{{route=\"{}\",code=\"{status}\"}} {count}",
-            route.label()
+            "{NAMESPACE}_http_requests_total{{route=\"{route}\",code=\"{status}\"}} {count}"
         );
     }
 
     // Worker histograms come through the command channels; if a worker is slow to answer,
     // the counters above are still worth serving, so the summaries are left out instead.
-    if let Some(latencies) = &worker_latencies {
+    if let Some(latencies) = &stats.worker_latencies {
         summary(
             &mut out,
             "ingest_latency_seconds",
@@ -179,136 +295,100 @@ pub fn render(api: &mut Api) -> String {
         &mut out,
         "query_latency_seconds",
         "GET /events/{app_sha256} service time.",
-        &api.query_ns,
+        stats.query_ns,
     );
     summary(
         &mut out,
         "reset_latency_seconds",
         "DELETE /events and DELETE /events/{app_sha256} service time.",
-        &api.reset_ns,
+        stats.reset_ns,
     );
+    if let Some(process) = &stats.process {
+        process_metrics(&mut out, process);
+    }
+    for families in &stats.extra {
+        out.push_str(families);
+    }
     out
 }
 
-fn gate_metrics(out: &mut String, gate: &GateCounters) {
-    let open = gate.open_connections.load(Ordering::Relaxed);
+/// The standard process families, named as every Prometheus client library names them
+/// (without the server's namespace), so that the usual dashboards work.
+fn process_metrics(out: &mut String, process: &ProcessSample) {
+    let mut standard = |name: &str, kind: &str, help: &str, value: &dyn std::fmt::Display| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let _ = writeln!(out, "{name} {value}");
+    };
+    standard(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+        &process.resident_memory_bytes,
+    );
+    standard(
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+        &format!("{:.2}", process.cpu_seconds),
+    );
+    standard(
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+        &process.open_fds,
+    );
+    standard(
+        "process_max_fds",
+        "gauge",
+        "Maximum number of open file descriptors.",
+        &process.max_fds,
+    );
+    standard(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+        &format!("{:.2}", process.start_time_seconds),
+    );
+}
+
+fn gate_metrics(out: &mut String, gate: &GateSample) {
     let help = "Open client connections to the HTTP port.";
-    single(out, "http_connections_open", "gauge", help, open);
-    let accepted = gate.accepted.load(Ordering::Relaxed);
+    single(
+        out,
+        "http_connections_open",
+        "gauge",
+        help,
+        gate.open_connections,
+    );
     let help = "Client connections accepted.";
-    single(out, "http_connections_total", "counter", help, accepted);
+    single(
+        out,
+        "http_connections_total",
+        "counter",
+        help,
+        gate.accepted,
+    );
     labelled(
         out,
         "http_refused_total",
         "counter",
         "Requests or connections refused at the gate, by reason.",
         "reason",
-        Refusal::ALL.map(|r| (r.as_str(), gate.refused(r))),
+        gate.refused.iter().copied(),
     );
 }
 
-fn store_metrics(out: &mut String, counters: &StoreCounters) {
-    let get = StoreCounters::get;
-    let help = "Flushes of this node's deltas that the store took.";
-    single(
-        out,
-        "store_flushes_total",
-        "counter",
-        help,
-        get(&counters.flushes),
-    );
-    labelled(
-        out,
-        "store_flush_errors_total",
-        "counter",
-        "Flushes that failed and are retried, by kind of failure.",
-        "kind",
-        StoreErrorKind::ALL.map(|k| (k.as_str(), get(&counters.flush_errors[k.index()]))),
-    );
-    labelled(
-        out,
-        "store_request_errors_total",
-        "counter",
-        "Queries and resets that failed because of the store, by kind of failure.",
-        "kind",
-        StoreErrorKind::ALL.map(|k| (k.as_str(), get(&counters.request_errors[k.index()]))),
-    );
-    let help = "App deltas written to the store.";
-    single(
-        out,
-        "store_apps_flushed_total",
-        "counter",
-        help,
-        get(&counters.apps_flushed),
-    );
-    let help = "(app, ip) deltas written to the store.";
-    single(
-        out,
-        "store_pairs_flushed_total",
-        "counter",
-        help,
-        get(&counters.pairs_flushed),
-    );
-    let help =
-        "App deltas of retried flushes that the store had already applied (not counted twice).";
-    let duplicates = get(&counters.duplicate_apps);
-    single(
-        out,
-        "store_duplicate_apps_total",
-        "counter",
-        help,
-        duplicates,
-    );
-    let help = "App deltas the store refused because the app was reset after they were taken.";
-    single(
-        out,
-        "store_stale_apps_total",
-        "counter",
-        help,
-        get(&counters.stale_apps),
-    );
-    let help = "(app, ip) deltas taken from the workers and not yet in the store.";
-    single(
-        out,
-        "store_pending_pairs",
-        "gauge",
-        help,
-        get(&counters.pending_pairs),
-    );
-    let up = u8::from(counters.store_up.load(Ordering::Relaxed));
-    let help = "Whether the store answered this node's last request (1) or not (0).";
-    single(out, "store_up", "gauge", help, up);
-    summary(
-        out,
-        "store_round_trip_seconds",
-        "Round trip of a query's or a reset's request to the store.",
-        &StoreCounters::histogram(&counters.round_trip_ns),
-    );
-    summary(
-        out,
-        "store_flush_seconds",
-        "One flush: taking the workers' tables, merging them and writing them.",
-        &StoreCounters::histogram(&counters.flush_ns),
-    );
-}
-
-fn snapshot_metrics(out: &mut String, snapshots: &SnapshotCounters) {
-    let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+fn snapshot_metrics(out: &mut String, snapshots: &SnapshotSample) {
     let help = "State file snapshots written while running.";
-    single(
-        out,
-        "snapshots_total",
-        "counter",
-        help,
-        get(&snapshots.taken),
-    );
+    single(out, "snapshots_total", "counter", help, snapshots.taken);
     let help = "State file snapshots that failed.";
     single(
         out,
         "snapshot_failures_total",
         "counter",
         help,
-        get(&snapshots.failed),
+        snapshots.failed,
     );
     let help = "Apps in the last snapshot.";
     single(
@@ -316,9 +396,9 @@ fn snapshot_metrics(out: &mut String, snapshots: &SnapshotCounters) {
         "snapshot_last_apps",
         "gauge",
         help,
-        get(&snapshots.last_apps),
+        snapshots.last_apps,
     );
-    let seconds = get(&snapshots.last_duration_ns) as f64 / 1e9;
+    let seconds = snapshots.last_duration_ns as f64 / 1e9;
     let help = "Time the last snapshot took: copy, merge and write.";
     single(
         out,
@@ -327,16 +407,25 @@ fn snapshot_metrics(out: &mut String, snapshots: &SnapshotCounters) {
         help,
         format!("{seconds:.6}"),
     );
+    let help = "When the last successful snapshot was written, in seconds since the Unix epoch \
+                (0 before the first).";
+    single(
+        out,
+        "snapshot_last_success_timestamp_seconds",
+        "gauge",
+        help,
+        snapshots.last_success_unix_s,
+    );
 }
 
 /// A metric family with one sample and no labels.
-fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+pub fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
     family(out, name, kind, help);
     let _ = writeln!(out, "{NAMESPACE}_{name} {value}");
 }
 
 /// A metric family with one sample per value of one label.
-fn labelled<'a>(
+pub fn labelled<'a>(
     out: &mut String,
     name: &str,
     kind: &str,
@@ -350,12 +439,12 @@ fn labelled<'a>(
     }
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {NAMESPACE}_{name} {help}");
     let _ = writeln!(out, "# TYPE {NAMESPACE}_{name} {kind}");
 }
 
-fn summary(out: &mut String, name: &str, help: &str, histogram_ns: &Histogram<u64>) {
+pub fn summary(out: &mut String, name: &str, help: &str, histogram_ns: &Histogram<u64>) {
     family(out, name, "summary", help);
     for q in QUANTILES {
         let seconds = histogram_ns.value_at_quantile(q) as f64 / 1e9;
@@ -375,14 +464,14 @@ pub fn merge_latencies(stats: &[WorkerStats]) -> Latencies {
     merged
 }
 
-fn store_backlog_drops(api: &Api) -> u64 {
-    api.backend()
-        .node()
-        .map_or(0, |node| StoreCounters::get(&node.counters.backlog_drops))
-}
-
 /// The report printed at shutdown: totals, then one percentile table per histogram.
-pub fn report(totals: &Totals, latencies: &Latencies, api: &Api) -> String {
+pub fn report(
+    totals: &Totals,
+    latencies: &Latencies,
+    query_ns: &Histogram<u64>,
+    reset_ns: &Histogram<u64>,
+    extra: &ReportExtra,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -399,35 +488,25 @@ pub fn report(totals: &Totals, latencies: &Latencies, api: &Api) -> String {
         "dropped at --max-apps: {}, ips not stored at --max-ips-per-app: {}",
         totals.app_cap_drops, totals.ip_cap_drops
     );
-    let mut histograms = vec![
-        ("ingest", latencies.ingest_ns.clone()),
-        ("batch", latencies.batch_ns.clone()),
-        ("query", api.query_ns.clone()),
-        ("reset", api.reset_ns.clone()),
-    ];
-    if let Some(node) = api.backend().node() {
-        let c = &node.counters;
-        let get = StoreCounters::get;
-        let _ = writeln!(
-            out,
-            "store: flushes {}, flush errors {}, apps flushed {}, pairs flushed {}, pending pairs {}, \
-             dropped at --max-pending-pairs {}",
-            get(&c.flushes),
-            c.flush_errors.iter().map(get).sum::<u64>(),
-            get(&c.apps_flushed),
-            get(&c.pairs_flushed),
-            get(&c.pending_pairs),
-            get(&c.backlog_drops)
-        );
-        histograms.push(("store rtt", StoreCounters::histogram(&c.round_trip_ns)));
-        histograms.push(("flush", StoreCounters::histogram(&c.flush_ns)));
+    for line in &extra.lines {
+        let _ = writeln!(out, "{line}");
     }
     let _ = writeln!(
         out,
         "{:<10} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
         "latency", "p50", "p90", "p99", "p99.9", "max", "count"
     );
-    for (name, histogram) in &histograms {
+    let own = [
+        ("ingest", &latencies.ingest_ns),
+        ("batch", &latencies.batch_ns),
+        ("query", query_ns),
+        ("reset", reset_ns),
+    ];
+    let others = extra
+        .latencies
+        .iter()
+        .map(|(name, histogram)| (*name, histogram));
+    for (name, histogram) in own.into_iter().chain(others) {
         let mut row = format!("{name:<10}");
         for q in QUANTILES {
             let _ = write!(row, " {:>12}", format_ns(histogram.value_at_quantile(q)));
@@ -456,6 +535,78 @@ fn format_ns(ns: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Backend;
+
+    impl Source for Backend {
+        fn render(&self, out: &mut String) {
+            single(out, "backend_writes_total", "counter", "Writes.", 7);
+        }
+    }
+
+    #[test]
+    fn renders_plain_stats() {
+        let histogram = crate::worker::new_histogram();
+        let mut extra = String::new();
+        Backend.render(&mut extra);
+        let stats = Stats {
+            workers: vec![WorkerSample {
+                id: 0,
+                received: 5,
+                ingested: 4,
+                kernel_drops: None,
+                recv_errors: 0,
+                rcvbuf_bytes: Some(4096),
+            }],
+            totals: Totals {
+                received: 5,
+                ingested: 4,
+                ..Totals::default()
+            },
+            app_entries: 1,
+            snapshots: Some(SnapshotSample {
+                last_success_unix_s: 1_764_580_000,
+                ..SnapshotSample::default()
+            }),
+            gate: Some(GateSample {
+                open_connections: 2,
+                accepted: 3,
+                refused: vec![("timeout", 1)],
+            }),
+            requests: vec![("/metrics", 200, 9)],
+            worker_latencies: None,
+            query_ns: &histogram,
+            reset_ns: &histogram,
+            process: None,
+            extra: vec![extra],
+            store_backlog_drops: 6,
+        };
+        let text = render(&stats);
+        for line in [
+            "ipevents_events_dropped_total{cause=\"store_backlog\"} 6",
+            "ipevents_datagrams_received_total{worker=\"0\"} 5",
+            "ipevents_socket_receive_buffer_bytes{worker=\"0\"} 4096",
+            "ipevents_datagrams_invalid_total{reason=\"bad_sha\"} 0",
+            "ipevents_apps_tracked 1",
+            "ipevents_snapshot_last_success_timestamp_seconds 1764580000",
+            "ipevents_http_connections_open 2",
+            "ipevents_http_refused_total{reason=\"timeout\"} 1",
+            "ipevents_http_requests_total{route=\"/metrics\",code=\"200\"} 9",
+            "# TYPE ipevents_backend_writes_total counter",
+            "ipevents_backend_writes_total 7",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        // A worker whose kernel does not report drops has no drops sample, and nothing from
+        // /proc shows without a process sample, nor worker summaries without latencies.
+        for absent in [
+            "ipevents_kernel_drops_total{",
+            "process_",
+            "ipevents_batch_seconds",
+        ] {
+            assert!(!text.contains(absent), "{absent} in\n{text}");
+        }
+    }
 
     #[test]
     fn formats_durations() {

@@ -1,5 +1,8 @@
-//! The server's lifecycle: bind the sockets, start and pin the workers and the HTTP thread,
-//! wait for a signal or a failure, then stop in order and report.
+//! The server's lifecycle, and only that: it wires the parts together and sequences them.
+//! Bind the sockets, restore the state file, start and pin the workers, the gate, the HTTP
+//! thread and the snapshot thread, tell systemd when it is ready, wait for a signal or a
+//! failure, then tell systemd it is stopping, stop in order and report. What the flags mean
+//! is `config`'s; the state file's thread is `snapshotter`'s.
 //!
 //! Set-up errors come back as one line naming what failed; nothing here runs per datagram.
 
@@ -10,20 +13,21 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::{Receiver, Sender};
+use sd_notify::NotifyState;
 
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::PathBuf;
 
 use crate::backend::Backend;
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::flusher::{self, Flusher, FlusherThread, StoreView};
+use crate::flusher::{self, Flusher, FlusherThread, StoreMetrics, StoreView};
 use crate::gate::{Gate, GateCounters};
 use crate::http::{self, Api};
 use crate::metrics::{self, Totals};
-use crate::snapshot::{self, BadState, SnapshotCounters};
+use crate::snapshot::{self, SnapshotCounters};
+use crate::snapshotter::{self, Snapshotter};
 use crate::socket::{self, Rcvbuf, Steering};
-use crate::store::{AppBudget, AppRecord, AppTable, Limits};
+use crate::store::{AppBudget, AppTable};
 use crate::worker::{Command, Worker, WorkerExit, WorkerStats};
 use core_affinity::CoreId;
 
@@ -150,15 +154,19 @@ pub fn start(config: &Config) -> Result<Server, String> {
                 .into(),
         );
     }
+    let admin_token = config.admin_token()?;
     let (workers, cores) = plan_workers(config.workers, !config.no_pin)?;
-    let records = load_state(config)?;
+    let records = match &config.state {
+        Some(path) => snapshotter::restore(path, config.discard_bad_state)?,
+        None => Vec::new(),
+    };
     let UdpGroup {
         sockets,
         addr: udp_addr,
         rcvbuf,
     } = bind_udp_group(config.udp, workers, config.rcvbuf, config.steering)?;
     let (listener, http_addr) = bind_http(config.http)?;
-    let store_settings = config.store_settings(udp_addr.port());
+    let store_settings = config.store_settings(udp_addr.port())?;
     let connected = match config.cluster_mode() {
         true => Some(flusher::connect(&store_settings, config.node_settings())?),
         false => None,
@@ -183,15 +191,8 @@ pub fn start(config: &Config) -> Result<Server, String> {
     )
     .map_err(|e| format!("start http gate on {http_addr}: {e}"))?;
 
-    // An app seen by k workers takes k entries, and with many senders every app is seen by
-    // every worker, so the budget leaves room for --max-apps apps on each of them.
-    let max_entries = usize::try_from(config.max_apps)
-        .unwrap_or(usize::MAX)
-        .saturating_mul(workers);
-    let budget = Arc::new(AppBudget::new(max_entries));
-    let limits = Limits {
-        max_ips_per_app: usize::try_from(config.max_ips_per_app).unwrap_or(usize::MAX),
-    };
+    let budget = Arc::new(AppBudget::new(config.max_app_entries(workers)));
+    let limits = config.store_limits();
     let (lifecycle_tx, lifecycle) = crossbeam_channel::unbounded();
     let mut tables: Vec<AppTable> = (0..workers)
         .map(|_| AppTable::new(limits, budget.clone()))
@@ -220,7 +221,7 @@ pub fn start(config: &Config) -> Result<Server, String> {
                 let _notice = notice;
                 if let Some(core) = core {
                     if !core_affinity::set_for_current(core) {
-                        eprintln!("warning: worker {id}: could not pin to core {}", core.id);
+                        log::warn!("worker {id}: could not pin to core {}", core.id);
                     }
                 }
                 worker.run()
@@ -228,18 +229,19 @@ pub fn start(config: &Config) -> Result<Server, String> {
             .map_err(|e| format!("spawn worker {id}: {e}"))?;
         worker_threads.push(Some(thread));
     }
+    // A worker answers commands only from inside its loop, so one round trip to each proves
+    // that every worker runs: the readiness that `run` reports to systemd.
+    Cluster::new(handles.clone(), budget.clone(), config.reply_timeout())
+        .stats()
+        .map_err(|e| format!("start the workers: {e}"))?;
 
     let snapshot_counters = Arc::new(SnapshotCounters::default());
     let snapshotter = match &config.state {
         Some(path) => Some(Snapshotter::spawn(
-            // Workers copy their tables a slice at a time between batches, which takes seconds
-            // for millions of apps under load: give them the interval, and at least a minute.
             Cluster::new(
                 handles.clone(),
                 budget.clone(),
-                config
-                    .snapshot_interval()
-                    .max(std::time::Duration::from_secs(60)),
+                config.snapshot_reply_timeout(),
             ),
             path.clone(),
             config.snapshot_interval(),
@@ -271,10 +273,16 @@ pub fn start(config: &Config) -> Result<Server, String> {
             (backend, Some(flusher))
         }
     };
-    let api = Api::new(backend)
-        .with_admin_token(config.admin_token.as_deref())
+    let store_metrics = backend
+        .node()
+        .map(|node| Box::new(StoreMetrics(node.clone())) as Box<dyn metrics::Source>);
+    let mut api = Api::new(backend)
+        .with_admin_token(admin_token.as_deref())
         .with_snapshots(config.state.is_some().then_some(snapshot_counters))
         .with_gate(gate_counters);
+    if let Some(source) = store_metrics {
+        api = api.with_metric_source(source);
+    }
     let http_server = Arc::new(http_server);
     let stopping = Arc::new(AtomicBool::new(false));
     let notice = ExitNotice {
@@ -366,18 +374,21 @@ impl Server {
             let records = snapshot::merge_records(exits.iter().map(|exit| exit.table.records()));
             snapshot::write(path, &records)
                 .map_err(|e| format!("write state file {}: {e}", path.display()))?;
-            eprintln!(
-                "ipevents: wrote {} apps to {}",
-                records.len(),
-                path.display()
-            );
+            log::info!("wrote {} apps to {}", records.len(), path.display());
         }
         let stats: Vec<WorkerStats> = exits.into_iter().map(|exit| exit.stats).collect();
         let totals = Totals::of(api.cluster());
+        let extra = api
+            .backend()
+            .node()
+            .map(|node| node.report_extra())
+            .unwrap_or_default();
         Ok(metrics::report(
             &totals,
             &metrics::merge_latencies(&stats),
-            &api,
+            &api.query_ns,
+            &api.reset_ns,
+            &extra,
         ))
     }
 
@@ -408,117 +419,6 @@ impl Server {
     }
 }
 
-/// Reads the state file named by --state, if any. A bad file stops the start unless
-/// --discard-bad-state says to move it aside.
-fn load_state(config: &Config) -> Result<Vec<AppRecord>, String> {
-    let Some(path) = &config.state else {
-        return Ok(Vec::new());
-    };
-    check_writable(path)
-        .map_err(|e| format!("state file {}: cannot write beside it: {e}", path.display()))?;
-    match snapshot::read(path) {
-        Ok(Some(records)) => Ok(records),
-        Ok(None) => {
-            eprintln!(
-                "ipevents: no state file at {} yet; starting empty",
-                path.display()
-            );
-            Ok(Vec::new())
-        }
-        Err(BadState::Unreadable(e)) => Err(format!(
-            "state file {}: cannot read it: {e}; check its permissions",
-            path.display()
-        )),
-        Err(bad) if config.discard_bad_state => {
-            let aside = snapshot::set_aside(path).map_err(|e| {
-                format!(
-                    "state file {}: {bad}, and moving it aside failed: {e}",
-                    path.display()
-                )
-            })?;
-            eprintln!(
-                "warning: state file {}: {bad}; moved it to {} and starting empty",
-                path.display(),
-                aside.display()
-            );
-            Ok(Vec::new())
-        }
-        Err(bad) => Err(format!(
-            "state file {}: {bad}; repair or move it, or start with --discard-bad-state to set it \
-             aside and start empty",
-            path.display()
-        )),
-    }
-}
-
-/// Finds out at start, not at the first snapshot, whether the state file's directory takes
-/// files.
-fn check_writable(path: &Path) -> io::Result<()> {
-    let mut probe_name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    probe_name.push(".probe");
-    let probe = path.with_file_name(probe_name);
-    std::fs::File::create(&probe)?;
-    std::fs::remove_file(&probe)
-}
-
-/// The thread that writes the state file every --snapshot-interval. The workers only copy
-/// their tables; merging and writing happen here, off the data path.
-struct Snapshotter {
-    stop: Sender<()>,
-    thread: JoinHandle<()>,
-}
-
-impl Snapshotter {
-    fn spawn(
-        cluster: Cluster,
-        path: PathBuf,
-        interval: std::time::Duration,
-        counters: Arc<SnapshotCounters>,
-    ) -> Result<Snapshotter, String> {
-        let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
-        let thread = thread::Builder::new()
-            .name("snapshot".into())
-            .spawn(move || {
-                // Merging and writing a large state take seconds of CPU; under full load they
-                // wait for the workers, not the other way round.
-                if let Err(e) = socket::lower_thread_priority() {
-                    eprintln!("warning: snapshot thread keeps its priority: {e}");
-                }
-                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(interval)
-                {
-                    let started = Instant::now();
-                    let written =
-                        cluster
-                            .snapshot()
-                            .map_err(|e| e.to_string())
-                            .and_then(|per_worker| {
-                                let records = snapshot::merge_records(per_worker);
-                                snapshot::write(&path, &records).map_err(|e| e.to_string())?;
-                                Ok(records.len())
-                            });
-                    match written {
-                        Ok(apps) => counters.record_success(apps, started.elapsed()),
-                        Err(e) => {
-                            counters.record_failure();
-                            eprintln!("ipevents: snapshot to {} failed: {e}", path.display());
-                        }
-                    }
-                }
-            })
-            .map_err(|e| format!("spawn snapshot thread: {e}"))?;
-        Ok(Snapshotter { stop, thread })
-    }
-
-    fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.thread.join();
-    }
-}
-
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(message) = payload.downcast_ref::<&str>() {
         (*message).to_owned()
@@ -529,6 +429,15 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// Tells systemd how the server is doing, when it runs the server as a `Type=notify` service
+/// (NOTIFY_SOCKET is set); otherwise does nothing. A failure to tell it is not worth
+/// stopping for: systemd then times the start out by itself.
+fn tell_service_manager(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        log::warn!("tell systemd {states:?}: {e}");
+    }
+}
+
 /// Runs the server until SIGINT or SIGTERM and prints the report; the body of `main`.
 pub fn run(config: &Config) -> Result<(), String> {
     let server = start(config)?;
@@ -536,8 +445,8 @@ pub fn run(config: &Config) -> Result<(), String> {
         .forward_signals()
         .map_err(|e| format!("install signal handlers: {e}"))?;
     if server.rcvbuf.capped() {
-        eprintln!(
-            "warning: udp receive buffer is {} bytes, not the {} asked: without CAP_NET_ADMIN the \
+        log::warn!(
+            "udp receive buffer is {} bytes, not the {} asked: without CAP_NET_ADMIN the \
              kernel caps it at net.core.rmem_max (raise it: sysctl -w net.core.rmem_max={})",
             server.rcvbuf.granted_bytes,
             server.rcvbuf.requested_bytes,
@@ -545,8 +454,8 @@ pub fn run(config: &Config) -> Result<(), String> {
         );
     }
     if server.restored_apps + server.unrestored_apps > 0 {
-        eprintln!(
-            "ipevents: restored {} apps from the state file{}",
+        log::info!(
+            "restored {} apps from the state file{}",
             server.restored_apps,
             if server.unrestored_apps > 0 {
                 format!("; {} left out at --max-apps", server.unrestored_apps)
@@ -559,13 +468,13 @@ pub fn run(config: &Config) -> Result<(), String> {
         Some(node_id) => format!(
             "store=redis-cluster node_id={node_id} seeds={}",
             config
-                .store_settings(server.udp_addr.port())
+                .store_settings(server.udp_addr.port())?
                 .seeds_display()
         ),
         None => "store=memory".to_owned(),
     };
-    eprintln!(
-        "ipevents: listening udp={} http={} workers={} steering={} rcvbuf_bytes={} batch={} {store}",
+    log::info!(
+        "listening udp={} http={} workers={} steering={} rcvbuf_bytes={} batch={} {store}",
         server.udp_addr,
         server.http_addr,
         server.workers,
@@ -573,9 +482,17 @@ pub fn run(config: &Config) -> Result<(), String> {
         server.rcvbuf.granted_bytes,
         config.batch
     );
+    tell_service_manager(&[
+        NotifyState::Ready,
+        NotifyState::Status(&format!(
+            "listening udp={} http={}",
+            server.udp_addr, server.http_addr
+        )),
+    ]);
     match server.wait() {
         Lifecycle::Signal(_) => {
-            eprintln!("ipevents: stopping: draining the sockets");
+            tell_service_manager(&[NotifyState::Stopping]);
+            log::info!("stopping: draining the sockets");
             let report = server.shutdown()?;
             print!("{report}");
             Ok(())

@@ -37,6 +37,8 @@ pub struct SnapshotCounters {
     pub failed: AtomicU64,
     pub last_apps: AtomicU64,
     pub last_duration_ns: AtomicU64,
+    /// When the last successful snapshot was written, in seconds since the Unix epoch.
+    pub last_success_unix_s: AtomicU64,
 }
 
 impl SnapshotCounters {
@@ -47,6 +49,10 @@ impl SnapshotCounters {
             u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        self.last_success_unix_s.store(now_s, Ordering::Relaxed);
     }
 
     pub fn record_failure(&self) {

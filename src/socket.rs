@@ -121,6 +121,12 @@ fn set_rcvbuf(socket: &Socket, bytes: usize) -> io::Result<Rcvbuf> {
     })
 }
 
+/// The usable receive buffer the kernel granted `socket`: half of what SO_RCVBUF reports,
+/// which counts the kernel's own bookkeeping too.
+pub fn granted_rcvbuf_bytes(socket: &UdpSocket) -> io::Result<usize> {
+    Ok(socket2::SockRef::from(socket).recv_buffer_size()? / 2)
+}
+
 /// Asks for a send buffer of `bytes`, forcing past net.core.wmem_max where the process may.
 pub fn set_sndbuf(socket: &UdpSocket, bytes: usize) -> io::Result<usize> {
     let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);

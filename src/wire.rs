@@ -53,54 +53,25 @@ pub struct Event {
     pub ip: u32,
 }
 
-/// Why a datagram was dropped. Each reason has its own counter in `/metrics`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Reject {
-    /// A zero-length datagram.
-    Empty,
-    /// Longer than [`MAX_DATAGRAM_BYTES`].
-    Oversized,
-    /// Not a protobuf message, a known field with the wrong wire type, or an `app_sha256`
-    /// that is not UTF-8.
-    Malformed,
-    /// No `app_sha256` field.
-    MissingSha,
-    /// No `ip` field.
-    MissingIp,
-    /// `app_sha256` is not exactly 64 hex digits.
-    BadSha,
-    /// `ip` is negative or above 255.255.255.255.
-    IpOutOfRange,
-}
-
-impl Reject {
-    /// Every reason, in the order `/metrics` and the shutdown report list them.
-    pub const ALL: [Reject; 7] = [
-        Reject::Empty,
-        Reject::Oversized,
-        Reject::Malformed,
-        Reject::MissingSha,
-        Reject::MissingIp,
-        Reject::BadSha,
-        Reject::IpOutOfRange,
-    ];
-
-    /// The reason's label in `/metrics` and in HTTP error bodies.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reject::Empty => "empty",
-            Reject::Oversized => "oversized",
-            Reject::Malformed => "malformed",
-            Reject::MissingSha => "missing_sha",
-            Reject::MissingIp => "missing_ip",
-            Reject::BadSha => "bad_sha",
-            Reject::IpOutOfRange => "ip_out_of_range",
-        }
-    }
-
-    /// A dense index into per-reason counter arrays.
-    pub fn index(self) -> usize {
-        self as usize
+labelled_enum! {
+    /// Why a datagram was dropped. Each reason has its own counter in `/metrics`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum Reject {
+        /// A zero-length datagram.
+        Empty => "empty",
+        /// Longer than [`MAX_DATAGRAM_BYTES`].
+        Oversized => "oversized",
+        /// Not a protobuf message, a known field with the wrong wire type, or an `app_sha256`
+        /// that is not UTF-8.
+        Malformed => "malformed",
+        /// No `app_sha256` field.
+        MissingSha => "missing_sha",
+        /// No `ip` field.
+        MissingIp => "missing_ip",
+        /// `app_sha256` is not exactly 64 hex digits.
+        BadSha => "bad_sha",
+        /// `ip` is negative or above 255.255.255.255.
+        IpOutOfRange => "ip_out_of_range",
     }
 }
 
@@ -301,6 +272,16 @@ mod tests {
         datagram.extend(field_bytes(15, &vec![0u8; padding]));
         assert_eq!(datagram.len(), MAX_DATAGRAM_BYTES);
         check(&datagram, Ok(Event { app: key(), ip: 1 }));
+    }
+
+    #[test]
+    fn every_reason_is_listed_once_in_order() {
+        let labels: std::collections::BTreeSet<&str> =
+            Reject::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(labels.len(), Reject::ALL.len());
+        for (i, reason) in Reject::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), i, "{reason:?}");
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::support::{Response, Server};
+use crate::support::{self, Response, Server};
 
 const SHA: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -106,13 +106,15 @@ fn every_error_status() {
             "64 hex digits",
         ),
         ("GET", "/".into(), vec![], vec![], 404, "no route"),
+        // A path with more segments than /events/{app_sha256} is an unknown path (issue 10).
+        ("GET", "/events/x/y".into(), vec![], vec![], 404, "no route"),
         (
             "GET",
-            "/events/x/y".into(),
+            format!("/events/{SHA}/extra"),
             vec![],
             vec![],
-            400,
-            "64 hex digits",
+            404,
+            "no route",
         ),
         ("GET", "/nope".into(), vec![], vec![], 404, "no route"),
         ("PUT", app.clone(), vec![], vec![], 405, "not allowed"),
@@ -272,6 +274,95 @@ fn a_silent_worker_gives_503_not_a_hang() {
         ..Default::default()
     });
     assert_eq!(metrics.status, 200);
+}
+
+/// Answers always carry a Content-Length and are never chunked, even when the client asks
+/// for chunks with TE: the gate relays an answer by its length.
+#[test]
+fn responses_are_never_chunked() {
+    let server = Server::start(&["--workers", "2"]);
+    let app = format!("/events/{SHA}");
+    for (method, path) in [
+        ("GET", "/metrics"),
+        ("GET", "/healthz"),
+        ("GET", app.as_str()),
+        ("GET", "/nowhere"),
+        ("PUT", "/events"),
+        ("DELETE", "/events"),
+    ] {
+        let response = server.request(method, path, &[("TE", "chunked, trailers")], b"");
+        assert_eq!(
+            response.header("Transfer-Encoding"),
+            None,
+            "{method} {path}"
+        );
+        if response.status != 204 {
+            let length: usize = response.header("Content-Length").unwrap().parse().unwrap();
+            assert_eq!(length, response.body.len(), "{method} {path}");
+        }
+    }
+}
+
+/// The admin token comes from a file or the environment, never from the command line, and
+/// the server never prints it.
+#[test]
+fn admin_token_from_a_file_and_never_echoed() {
+    let dir = std::env::temp_dir().join(format!("ipevents-it-{}-token", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token_file = dir.join("admin-token");
+    std::fs::write(&token_file, "f1le-t0ken\n").unwrap();
+    let token_path = token_file.to_str().unwrap();
+    let server = Server::start(&["--workers", "1", "--admin-token-file", token_path]);
+    let octet = ("Content-Type", "application/octet-stream");
+    let event = ipevents::wire::encode(SHA, 1);
+    let refused = server.request("POST", "/events", &[octet], &event);
+    assert_eq!(refused.status, 401);
+    let bearer = ("Authorization", "Bearer f1le-t0ken");
+    let accepted = server.request("POST", "/events", &[octet, bearer], &event);
+    assert_eq!(accepted.status, 204);
+    let startup = server.startup_log.clone();
+    let exit = server.stop();
+    assert!(exit.status.success(), "{}", exit.stderr);
+    let printed = format!("{startup}{}{}", exit.stderr, exit.stdout);
+    assert!(!printed.contains("f1le-t0ken"), "{printed}");
+
+    let loopback = ["--udp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--no-pin"];
+    let with_file = [&loopback[..], &["--admin-token-file", token_path]].concat();
+    let empty_file = dir.join("empty");
+    std::fs::write(&empty_file, "\n").unwrap();
+    let with_empty = [
+        &loopback[..],
+        &["--admin-token-file", empty_file.to_str().unwrap()],
+    ]
+    .concat();
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            with_file.clone(),
+            vec![("IPEVENTS_ADMIN_TOKEN", "3nv-t0ken")],
+            "keep one",
+        ),
+        (with_empty, vec![], "the admin token is empty"),
+    ];
+    for (args, env, message) in cases {
+        let exit = support::run_to_exit_with_env(&args, &env);
+        assert_eq!(exit.status.code(), Some(1), "{args:?}: {}", exit.stderr);
+        assert!(exit.stderr.contains(message), "{args:?}: {}", exit.stderr);
+        assert_eq!(exit.stderr.lines().count(), 1, "{}", exit.stderr);
+        for secret in ["3nv-t0ken", "f1le-t0ken"] {
+            assert!(!exit.stderr.contains(secret), "{}", exit.stderr);
+        }
+    }
+    // There is no flag that takes the token itself.
+    let exit = support::run_to_exit(&[&loopback[..], &["--admin-token", "cl1-t0ken"]].concat());
+    assert_eq!(exit.status.code(), Some(2), "{}", exit.stderr);
+    assert!(
+        exit.stderr.contains("unexpected argument '--admin-token'"),
+        "{}",
+        exit.stderr
+    );
+    assert!(!exit.stderr.contains("cl1-t0ken"), "{}", exit.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use prost::encoding::{encode_key, encode_varint, WireType};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 use crate::support::{self, labelled_metric, Reference, Server, DEADLINE};
 

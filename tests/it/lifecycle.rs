@@ -154,10 +154,100 @@ fn a_failed_worker_stops_the_server_with_its_reason() {
     assert!(last.contains("supervisor"), "{last}");
 }
 
+/// Logs go through levels (RUST_LOG, `info` by default), and the libraries' own records,
+/// tiny_http's among them, show with the library's name.
+#[test]
+fn logs_have_levels_and_show_the_libraries_records() {
+    let quiet = Server::start(&[]);
+    let startup = quiet.startup_log.clone();
+    let exit = quiet.stop();
+    assert!(exit.status.success(), "{}", exit.stderr);
+    let all = format!("{startup}{}", exit.stderr);
+    assert!(!all.contains("tiny_http"), "debug records at info: {all}");
+    assert!(all.contains("ipevents: stopping"), "{all}");
+
+    let chatty = Server::start_with_env(&[], &[("RUST_LOG", "debug")]);
+    assert!(
+        chatty
+            .startup_log
+            .contains("ipevents: tiny_http: Server listening on"),
+        "{}",
+        chatty.startup_log
+    );
+    let exit = chatty.stop();
+    assert!(exit.status.success(), "{}", exit.stderr);
+}
+
+/// When stderr is the journal (JOURNAL_STREAM names it), each line starts with its syslog
+/// priority for journald; when the variable names another stream, lines stay as they are.
+#[test]
+fn log_lines_carry_syslog_priorities_for_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp = taken.local_addr().unwrap().to_string();
+    let path = std::env::temp_dir().join(format!("ipevents-it-{}-journal", std::process::id()));
+    for journal in [true, false] {
+        let file = std::fs::File::create(&path).unwrap();
+        let meta = file.metadata().unwrap();
+        let stream = if journal {
+            format!("{}:{}", meta.dev(), meta.ino())
+        } else {
+            format!("{}:{}", meta.dev(), meta.ino() + 1)
+        };
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_ipevents"))
+            .args(["--udp", &udp, "--http", "127.0.0.1:0", "--no-pin"])
+            .env("JOURNAL_STREAM", &stream)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(1));
+        let logged = std::fs::read_to_string(&path).unwrap();
+        let want = if journal {
+            "<3>error: bind udp"
+        } else {
+            "ipevents: error: bind udp"
+        };
+        assert!(logged.starts_with(want), "{journal}: {logged}");
+        assert_eq!(logged.lines().count(), 1, "{logged}");
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Every flag is explained in --help, with the variable that sets it from the environment.
 #[test]
 fn help_explains_every_flag() {
+    use clap::CommandFactory;
     let exit = run_to_exit(&["--help"]);
     assert!(exit.status.success());
+    let help = exit.stdout;
+    let command = ipevents::config::Config::command();
+    let mut flags = Vec::new();
+    for arg in command.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        if long == "help" || long == "version" {
+            continue;
+        }
+        let flag = format!("--{long}");
+        let env = format!("IPEVENTS_{}", long.replace('-', "_").to_uppercase());
+        assert!(
+            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+            "--help lacks {flag}"
+        );
+        assert!(arg.get_help().is_some(), "{flag} has no help text");
+        assert_eq!(
+            arg.get_env().and_then(|e| e.to_str()),
+            Some(env.as_str()),
+            "{flag} cannot be set from the environment"
+        );
+        assert!(
+            help.contains(&format!("[env: {env}=]")),
+            "--help lacks {env}"
+        );
+        flags.push(flag);
+    }
+    // The list above comes from the parser; this one says which flags must exist.
     for flag in [
         "--udp",
         "--http",
@@ -168,7 +258,55 @@ fn help_explains_every_flag() {
         "--batch",
         "--max-apps",
         "--max-ips-per-app",
+        "--admin-token-file",
+        "--state",
+        "--snapshot-interval",
+        "--discard-bad-state",
+        "--http-max-connections",
+        "--http-timeout-ms",
+        "--reply-timeout-ms",
     ] {
-        assert!(exit.stdout.contains(flag), "--help lacks {flag}");
+        assert!(flags.iter().any(|f| f == flag), "no {flag} in {flags:?}");
     }
+    for variable in ["IPEVENTS_ADMIN_TOKEN ", "RUST_LOG", "NOTIFY_SOCKET"] {
+        assert!(help.contains(variable), "--help lacks {variable}");
+    }
+}
+
+/// Every flag can come from the environment; the command line wins.
+#[test]
+fn flags_come_from_the_environment() {
+    let env = [
+        ("IPEVENTS_UDP", "127.0.0.1:0"),
+        ("IPEVENTS_HTTP", "127.0.0.1:0"),
+        ("IPEVENTS_NO_PIN", "true"),
+        ("IPEVENTS_WORKERS", "2"),
+        ("IPEVENTS_STEERING", "hash"),
+        ("IPEVENTS_BATCH", "16"),
+        ("IPEVENTS_MAX_IPS_PER_APP", "1"),
+    ];
+    let server = Server::start_exactly(&["--batch", "8"], &env);
+    assert!(server.udp.ip().is_loopback() && server.http.ip().is_loopback());
+    assert!(
+        server.listening.contains("workers=2 steering=hash")
+            && server.listening.contains("batch=8"),
+        "{}",
+        server.listening
+    );
+    let sha = "ab".repeat(32);
+    for ip in [1, 2, 3] {
+        let body = ipevents::wire::encode(&sha, ip);
+        let headers = [("Content-Type", "application/octet-stream")];
+        assert_eq!(
+            server.request("POST", "/events", &headers, &body).status,
+            204
+        );
+    }
+    // POSTed events go to the workers in turn, so one worker saw two IPs: with
+    // --max-ips-per-app 1 from the environment it stored only one of them.
+    let answer = server.answer(&sha);
+    assert_eq!(answer["count"], 3);
+    assert_eq!(answer["ips_truncated"], true, "{answer}");
+    let exit = server.stop();
+    assert!(exit.status.success(), "{}", exit.stderr);
 }

@@ -11,7 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 /// How long any wait in the tests may take before it fails the test.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -21,6 +21,9 @@ pub struct Server {
     child: Option<Child>,
     pub udp: SocketAddr,
     pub http: SocketAddr,
+    /// What the server logged before its "listening" line, and that line.
+    pub startup_log: String,
+    pub listening: String,
     stderr: mpsc::Receiver<String>,
     stdout: Option<thread::JoinHandle<String>>,
 }
@@ -41,8 +44,14 @@ impl Server {
 
     /// Like [`Server::start`], with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let loopback = ["--udp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--no-pin"];
+        Server::start_exactly(&[&loopback[..], args].concat(), env)
+    }
+
+    /// Starts the server with `args` and `env` and nothing else: the caller chooses loopback
+    /// addresses itself.
+    pub fn start_exactly(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ipevents"))
-            .args(["--udp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--no-pin"])
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -61,6 +70,8 @@ impl Server {
             child: Some(child),
             udp: "0.0.0.0:0".parse().unwrap(),
             http: "0.0.0.0:0".parse().unwrap(),
+            startup_log: String::new(),
+            listening: String::new(),
             stderr,
             stdout: Some(stdout),
         };
@@ -69,24 +80,25 @@ impl Server {
             .unwrap_or_else(|seen| panic!("server did not start; it said: {seen}"));
         server.udp = field(&line, "udp=").parse().unwrap();
         server.http = field(&line, "http=").parse().unwrap();
+        server.listening = line;
         server
     }
 
-    /// Waits for a stderr line containing `needle`; on failure returns what it saw.
+    /// Waits for a stderr line containing `needle`, keeping the lines before it in
+    /// `startup_log`; on failure returns what it saw.
     fn wait_for_line(&mut self, needle: &str) -> Result<String, String> {
         let deadline = Instant::now() + DEADLINE;
-        let mut seen = String::new();
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.stderr.recv_timeout(left) {
                 Ok(line) if line.contains(needle) => return Ok(line),
                 Ok(line) => {
-                    seen.push_str(&line);
-                    seen.push('\n');
+                    self.startup_log.push_str(&line);
+                    self.startup_log.push('\n');
                 }
                 Err(_) => break,
             }
         }
-        Err(seen)
+        Err(self.startup_log.clone())
     }
 
     pub fn pid(&self) -> u32 {
@@ -186,8 +198,14 @@ impl Drop for Server {
 
 /// Runs the server binary with `args` (no defaults added) and expects it to exit by itself.
 pub fn run_to_exit(args: &[&str]) -> Exit {
+    run_to_exit_with_env(args, &[])
+}
+
+/// Like [`run_to_exit`], with extra environment variables.
+pub fn run_to_exit_with_env(args: &[&str], env: &[(&str, &str)]) -> Exit {
     let output = Command::new(env!("CARGO_BIN_EXE_ipevents"))
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .expect("run the server binary");
@@ -211,7 +229,7 @@ fn forward_lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     rx
 }
 
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
+pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
     line.split_whitespace()
         .find_map(|word| word.strip_prefix(key))
         .unwrap_or_else(|| panic!("no {key} in {line:?}"))
@@ -433,7 +451,7 @@ pub fn send_datagram(socket: &UdpSocket, datagram: &[u8]) {
     }
 }
 
-pub fn hex_sha(rng: &mut impl Rng) -> String {
+pub fn hex_sha(rng: &mut impl RngExt) -> String {
     (0..32)
         .map(|_| format!("{:02x}", rng.random::<u8>()))
         .collect()

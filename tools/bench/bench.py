@@ -6,13 +6,13 @@ Run it from anywhere, as one command:
 
     python3 tools/bench/bench.py [--quick] [--runs 3] [--out bench-out]
 
-It builds the release binaries (`cargo build --release --bins`, skipped with `--no-build`),
-starts every receiver itself on 127.0.0.1 ports chosen by the kernel, and writes
-`bench-out/report.md` (also printed) and `bench-out/loss.svg`, with the logs of every process
-in `bench-out/logs/`. Every figure is the median of `--runs` runs (3; 1 with `--quick`), with
-min and max. It needs Python 3 and its standard library only (matplotlib is installed with pip
-for the plot if it is missing, and a plain SVG is written if that fails). All traffic stays on
-loopback. A full run takes about 15 minutes after the build; `--quick` one to two.
+It builds the release binaries (`cargo build --release --features tools --bins`, skipped
+with `--no-build`), starts every receiver itself on 127.0.0.1 ports chosen by the kernel, and
+writes `bench-out/report.md` (also printed) and `bench-out/loss.svg`, with the logs of every
+process in `bench-out/logs/`. Every figure is the median of `--runs` runs (3; 1 with
+`--quick`), with min and max. It needs Python 3 and its standard library only; the plot is
+drawn with matplotlib when it is installed (Debian: `apt-get install python3-matplotlib`, for
+the system `python3`), and written as a plain SVG otherwise. All traffic stays on loopback. A full run takes about 15 minutes after the build; `--quick` one to two.
 
 The helpers' unit tests: `PYTHONDONTWRITEBYTECODE=1 python3 -m unittest discover -s tools/bench`.
 
@@ -180,9 +180,12 @@ def parse_args(argv):
 
 
 def build(target_dir):
-    log(f"building: cargo build --release --bins (target dir {target_dir})")
+    log(f"building: cargo build --release --features tools --bins (target dir {target_dir})")
     env = dict(os.environ, CARGO_TARGET_DIR=str(target_dir))
-    subprocess.run(["cargo", "build", "--release", "--bins"], cwd=REPO, env=env, check=True)
+    subprocess.run(
+        ["cargo", "build", "--release", "--features", "tools", "--bins"],
+        cwd=REPO, env=env, check=True,
+    )
 
 
 @dataclass

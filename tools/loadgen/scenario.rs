@@ -8,7 +8,7 @@
 use prost::bytes::BufMut;
 use prost::encoding::{encode_key, encode_varint, WireType};
 use rand::rngs::SmallRng;
-use rand::{Rng, RngCore};
+use rand::{Rng, RngExt};
 
 /// Hosts of a /28 that count as an app's good IPs: .1 to .14.
 pub const GOOD_HOSTS: usize = 14;

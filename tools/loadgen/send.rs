@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use ipevents::socket::{self, SendBatch};
 use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 use crate::scenario::{Scenario, SLOT_BYTES};
 

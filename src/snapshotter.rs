@@ -1,0 +1,125 @@
+//! The state file's lifecycle around the running server: restoring it at start, and the
+//! snapshot thread that writes it every `--snapshot-interval`.
+//!
+//! The workers only copy their tables; merging and writing happen on the snapshot thread, at
+//! the lowest CPU priority, off the data path. The file format is `snapshot`'s.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+
+use crate::cluster::Cluster;
+use crate::snapshot::{self, BadState, SnapshotCounters};
+use crate::socket;
+use crate::store::AppRecord;
+
+/// Reads the state file at `path` for a start. A bad file stops the start unless
+/// `discard_bad_state` says to move it aside.
+pub fn restore(path: &Path, discard_bad_state: bool) -> Result<Vec<AppRecord>, String> {
+    check_writable(path)
+        .map_err(|e| format!("state file {}: cannot write beside it: {e}", path.display()))?;
+    match snapshot::read(path) {
+        Ok(Some(records)) => Ok(records),
+        Ok(None) => {
+            log::info!("no state file at {} yet; starting empty", path.display());
+            Ok(Vec::new())
+        }
+        Err(BadState::Unreadable(e)) => Err(format!(
+            "state file {}: cannot read it: {e}; check its permissions",
+            path.display()
+        )),
+        Err(bad) if discard_bad_state => {
+            let aside = snapshot::set_aside(path).map_err(|e| {
+                format!(
+                    "state file {}: {bad}, and moving it aside failed: {e}",
+                    path.display()
+                )
+            })?;
+            log::warn!(
+                "state file {}: {bad}; moved it to {} and starting empty",
+                path.display(),
+                aside.display()
+            );
+            Ok(Vec::new())
+        }
+        Err(bad) => Err(format!(
+            "state file {}: {bad}; repair or move it, or start with --discard-bad-state to set it \
+             aside and start empty",
+            path.display()
+        )),
+    }
+}
+
+/// Finds out at start, not at the first snapshot, whether the state file's directory takes
+/// files.
+fn check_writable(path: &Path) -> io::Result<()> {
+    let mut probe_name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    probe_name.push(".probe");
+    let probe = path.with_file_name(probe_name);
+    std::fs::File::create(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
+/// The thread that writes the state file every --snapshot-interval. The workers only copy
+/// their tables; merging and writing happen here, off the data path.
+pub struct Snapshotter {
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Snapshotter {
+    /// Starts the thread: a snapshot of `cluster` to `path` every `interval`.
+    pub fn spawn(
+        cluster: Cluster,
+        path: PathBuf,
+        interval: Duration,
+        counters: Arc<SnapshotCounters>,
+    ) -> Result<Snapshotter, String> {
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+        let thread = thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                // Merging and writing a large state take seconds of CPU; under full load they
+                // wait for the workers, not the other way round.
+                if let Err(e) = socket::lower_thread_priority() {
+                    log::warn!("snapshot thread keeps its priority: {e}");
+                }
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(interval)
+                {
+                    let started = Instant::now();
+                    let written =
+                        cluster
+                            .snapshot()
+                            .map_err(|e| e.to_string())
+                            .and_then(|per_worker| {
+                                let records = snapshot::merge_records(per_worker);
+                                snapshot::write(&path, &records).map_err(|e| e.to_string())?;
+                                Ok(records.len())
+                            });
+                    match written {
+                        Ok(apps) => counters.record_success(apps, started.elapsed()),
+                        Err(e) => {
+                            counters.record_failure();
+                            log::error!("snapshot to {} failed: {e}", path.display());
+                        }
+                    }
+                }
+            })
+            .map_err(|e| format!("spawn snapshot thread: {e}"))?;
+        Ok(Snapshotter { stop, thread })
+    }
+
+    /// Stops the thread, after the snapshot in progress if there is one.
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
