@@ -46,9 +46,8 @@ pub struct Config {
     #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub batch: u16,
 
-    /// Apps the server has room for on every worker: the workers together hold at most
-    /// this many app entries per worker (an app seen by k workers takes k entries); events
-    /// for new apps past it are dropped and counted.
+    /// Distinct apps the server tracks (an app seen by k workers counts once); events for an
+    /// app no worker tracks are dropped and counted past it. A tracked app is never dropped.
     #[arg(long, default_value_t = 1_000_000, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_apps: u64,
 

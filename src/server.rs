@@ -166,12 +166,10 @@ pub fn start(config: &Config) -> Result<Server, String> {
     )
     .map_err(|e| format!("start http gate on {http_addr}: {e}"))?;
 
-    // An app seen by k workers takes k entries, and with many senders every app is seen by
-    // every worker, so the budget leaves room for --max-apps apps on each of them.
-    let max_entries = usize::try_from(config.max_apps)
-        .unwrap_or(usize::MAX)
-        .saturating_mul(workers);
-    let budget = Arc::new(AppBudget::new(max_entries));
+    // The budget counts distinct apps: an app seen by k workers takes one unit and k entries.
+    let budget = Arc::new(AppBudget::new(
+        usize::try_from(config.max_apps).unwrap_or(usize::MAX),
+    ));
     let limits = Limits {
         max_ips_per_app: usize::try_from(config.max_ips_per_app).unwrap_or(usize::MAX),
     };

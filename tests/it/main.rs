@@ -3,6 +3,7 @@
 
 mod abuse;
 mod api;
+mod hardening;
 mod hostile;
 mod ingest;
 mod lifecycle;
