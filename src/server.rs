@@ -228,7 +228,8 @@ pub fn start(config: &Config) -> Result<Server, String> {
         )?),
         None => None,
     };
-    let api = Api::new(Cluster::new(handles, budget, config.reply_timeout()))
+    let cluster = Cluster::new(handles, budget, config.reply_timeout());
+    let api = Api::new(cluster.with_max_ips(limits.max_ips_per_app))
         .with_admin_token(config.admin_token.as_deref())
         .with_snapshots(config.state.is_some().then_some(snapshot_counters))
         .with_gate(gate_counters);

@@ -456,6 +456,21 @@ pub fn merge_partials(partials: impl IntoIterator<Item = Partial>) -> Partial {
     }
 }
 
+/// Keeps at most `max_ips` of a merged partial's IPs, so that an answer merged from k workers
+/// lists no more than one worker may store: the IPs with the most events, ties to the lower
+/// address. Says `ips_truncated` when it drops any.
+pub fn cap_ips(merged: &mut Partial, max_ips: usize) {
+    if merged.ips.len() <= max_ips {
+        return;
+    }
+    merged
+        .ips
+        .sort_unstable_by_key(|&(ip, events)| (std::cmp::Reverse(events), ip));
+    merged.ips.truncate(max_ips);
+    merged.ips.sort_unstable();
+    merged.ips_truncated = true;
+}
+
 /// The /28 block (`ip >> 4`) holding the most distinct IPs; ties go to the block with more
 /// events, then to the lower block.
 pub fn home_block(ips: &[(u32, u64)]) -> Option<u32> {
@@ -624,6 +639,23 @@ mod tests {
                 ips_truncated: true
             }
         );
+    }
+
+    #[test]
+    fn a_merged_answer_keeps_at_most_the_cap() {
+        let merged = |ips: Vec<(u32, u64)>| Partial {
+            events: ips.iter().map(|&(_, events)| events).sum(),
+            ips,
+            ips_truncated: false,
+        };
+        let mut under = merged(vec![(1, 1), (2, 1)]);
+        cap_ips(&mut under, 2);
+        assert_eq!(under, merged(vec![(1, 1), (2, 1)]));
+        // The busiest IPs stay, ties to the lower address, in numeric order.
+        let mut over = merged(vec![(1, 1), (2, 5), (3, 1), (4, 2), (9, 1)]);
+        cap_ips(&mut over, 3);
+        assert_eq!(over.ips, vec![(1, 1), (2, 5), (4, 2)]);
+        assert_eq!((over.events, over.ips_truncated), (10, true));
     }
 
     #[test]

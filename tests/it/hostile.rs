@@ -318,8 +318,10 @@ fn spoofed_floods_hit_the_caps_and_earlier_apps_stay_exact() {
     assert_eq!(answer["ips_truncated"], true);
     let good = answer["good_ips"].as_array().unwrap().len();
     let bad = answer["bad_ips"].as_array().unwrap().len();
+    // Each worker stores 1024 IPs, 2048 in all, but the merged answer lists at most the cap
+    // (issue 11: it listed workers × cap).
     assert!(
-        good == 14 && bad <= 2 * 1024,
+        good == 14 && bad > 1000 && bad <= 1024,
         "{good} good and {bad} bad ips"
     );
     let not_stored = server.metric("ipevents_ips_not_stored_total");
