@@ -84,8 +84,9 @@ pub struct Config {
     #[arg(long, default_value_t = 256, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub http_max_connections: u64,
 
-    /// How long an HTTP client may stay idle between requests, and may take to send one
-    /// request, in milliseconds; past it the connection is closed (408 mid-request).
+    /// How long an HTTP client may stay idle between requests, may take to send one request,
+    /// and may take to read one answer, in milliseconds; past it the connection is closed
+    /// (408 mid-request).
     #[arg(long, default_value_t = 10_000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub http_timeout_ms: u64,
 
@@ -106,6 +107,10 @@ impl Config {
             idle_timeout: timeout,
             request_timeout: timeout,
             upstream_timeout: self.reply_timeout() + Duration::from_secs(5),
+            response_timeout: timeout,
+            max_response_bytes: crate::gate::response_bytes_for(
+                usize::try_from(self.max_ips_per_app).unwrap_or(usize::MAX),
+            ),
             ..crate::gate::GateLimits::default()
         }
     }

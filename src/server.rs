@@ -136,8 +136,20 @@ pub fn bind_http(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), String> 
     Ok((listener, local))
 }
 
+/// An empty admin token would turn every DELETE and POST into a 401 that no client can pass:
+/// an operator mistake, refused at start.
+fn check_admin_token(token: Option<&str>) -> Result<(), String> {
+    match token {
+        Some(token) if token.trim().is_empty() => Err("the admin token (--admin-token or \
+             IPEVENTS_ADMIN_TOKEN) is empty: set one, or unset it to leave DELETE and POST open"
+            .to_owned()),
+        _ => Ok(()),
+    }
+}
+
 /// Binds everything and starts the threads. Errors name the step that failed.
 pub fn start(config: &Config) -> Result<Server, String> {
+    check_admin_token(config.admin_token.as_deref())?;
     let (workers, cores) = plan_workers(config.workers, !config.no_pin)?;
     let records = load_state(config)?;
     let UdpGroup {

@@ -2,9 +2,50 @@
 //! HTTP edge cases, resets under CPU contention, and the receive buffer's warnings. Each test
 //! reproduces what the issue found, against the real binary on loopback.
 
-use std::net::UdpSocket;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::thread;
+use std::time::{Duration, Instant};
 
-use crate::support::{self, labelled_metric, Server};
+use socket2::{Domain, Socket, Type};
+
+use crate::support::{self, labelled_metric, Server, DEADLINE};
+
+/// A client with a 4 KiB receive buffer that writes `pipeline` and then reads nothing.
+fn slow_reader(addr: SocketAddr, pipeline: &[u8]) -> TcpStream {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut stream = TcpStream::from(socket);
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream.write_all(pipeline).unwrap();
+    stream
+}
+
+/// `GET /healthz` on a fresh connection: `Ok(status)`, or what went wrong.
+fn healthz(addr: SocketAddr) -> Result<u16, String> {
+    let request = b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n";
+    match support::try_send_raw(addr, request) {
+        Ok(response) if response.status == 200 && response.text() == "ok" => Ok(200),
+        Ok(response) => Err(format!("{} {}", response.status, response.text())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Whether the server closed `stream` within the deadline (reads end, or the reset).
+fn closed_by_server(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 64 * 1024];
+    let deadline = Instant::now() + DEADLINE;
+    while Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+    false
+}
 
 /// Issue 11, item 2: `--max-apps 100`, two workers, random steering: app A once, 5,000
 /// made-up shas, then A 100 times. A is tracked, so none of its events may be dropped,
@@ -38,4 +79,236 @@ fn a_spoofed_app_flood_does_not_drop_a_tracked_apps_events() {
         ),
         Some(5_000 - 99)
     );
+}
+
+/// Sends one app `ips` events, each with a new IP, and returns its sha once all are counted.
+fn load_ips(server: &Server, ips: u64) -> String {
+    let app = "5e".repeat(32);
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.connect(server.udp).unwrap();
+    let round = 10_000;
+    for start in (0..ips).step_by(round) {
+        for ip in start..(start + round as u64).min(ips) {
+            let datagram = ipevents::wire::encode(&app, (0x0a00_0000 + ip) as i64);
+            support::send_datagram(&socket, &datagram);
+        }
+        // A query reads the sockets empty, so the next round finds room in them.
+        server.answer(&app);
+    }
+    assert_eq!(server.answer(&app)["count"], ips);
+    app
+}
+
+/// Issue 11, item 1: one app with 80,000 IPs (an answer of about 1 MB, far more than the
+/// Unix socket and the TCP buffers hold), and a client that pipelines 40 queries for it with
+/// a 4 KiB receive buffer and never reads. Every other client must still be answered, and
+/// SIGTERM must stop the server while that client holds its connection. Before, the API
+/// thread blocked writing the first answer: every other request got an empty reply and
+/// SIGTERM did not stop the server.
+#[test]
+fn a_client_that_stops_reading_does_not_block_the_api_or_shutdown() {
+    let server = Server::start(&[
+        "--workers",
+        "2",
+        "--max-ips-per-app",
+        "100000",
+        "--http-timeout-ms",
+        "60000",
+    ]);
+    let ips = 80_000;
+    let app = load_ips(&server, ips);
+    let query = format!("GET /events/{app} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut slow = slow_reader(server.http, query.repeat(40).as_bytes());
+    // The first answer has begun to arrive: the API has written it.
+    let mut first = [0u8; 12];
+    slow.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    for _ in 0..3 {
+        assert_eq!(healthz(server.http), Ok(200));
+        assert_eq!(server.answer(&app)["count"], ips);
+    }
+    let exit = server.stop();
+    assert!(exit.status.success(), "{}", exit.stderr);
+    drop(slow);
+}
+
+/// Issue 11, item 1, the smaller form: `--http-max-connections 4`, four clients pipelining
+/// queries for a large answer without reading. Each is closed once it has not taken an
+/// answer within `--http-timeout-ms`, and new clients are answered again. Before, the four
+/// held the server for as long as they stayed, and every new client got 503.
+#[test]
+fn slow_readers_are_closed_and_free_their_connections() {
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--max-ips-per-app",
+        "100000",
+        "--http-max-connections",
+        "4",
+        "--http-timeout-ms",
+        "1000",
+    ]);
+    let app = load_ips(&server, 20_000);
+    // 40 answers of about 300 KB each: more than any socket buffer takes.
+    let pipeline = format!("GET /events/{app} HTTP/1.1\r\nHost: x\r\n\r\n").repeat(40);
+    let mut slow: Vec<TcpStream> = (0..4)
+        .map(|_| slow_reader(server.http, pipeline.as_bytes()))
+        .collect();
+    let deadline = Instant::now() + DEADLINE;
+    let answered = loop {
+        match healthz(server.http) {
+            Ok(status) => break Ok(status),
+            Err(e) if Instant::now() > deadline => break Err(e),
+            Err(_) => thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    assert_eq!(answered, Ok(200));
+    for stream in &mut slow {
+        assert!(closed_by_server(stream));
+    }
+    let metrics = server.get("/metrics").text();
+    assert_eq!(
+        labelled_metric(
+            &metrics,
+            "ipevents_http_refused_total",
+            "reason=\"slow_reader\""
+        ),
+        Some(4)
+    );
+}
+
+/// Reads one response from `reader`; returns (status line, body).
+fn read_response(reader: &mut BufReader<TcpStream>) -> (String, String) {
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).unwrap();
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line.trim_end().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap();
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    (
+        status_line.trim_end().to_owned(),
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+/// Issue 11, item 5: what a hostile or merely unusual client sends, and what it must get.
+#[test]
+fn http_edge_cases_get_the_answers_the_rfcs_ask_for() {
+    let token = "t0ken";
+    let server = Server::start_with_env(&["--workers", "1"], &[("IPEVENTS_ADMIN_TOKEN", token)]);
+    let sha = "c4".repeat(32);
+    let event = ipevents::wire::encode(&sha, 0x0a00_0001);
+    let length = event.len();
+    let post = |scheme: &str, lengths: &[String], expect: bool| {
+        let mut head = format!(
+            "POST /events HTTP/1.1\r\nContent-Type: application/octet-stream\r\n\
+             Authorization: {scheme} {token}\r\nConnection: close\r\n"
+        );
+        for length in lengths {
+            head.push_str(&format!("Content-Length: {length}\r\n"));
+        }
+        if expect {
+            head.push_str("Expect: 100-continue\r\n");
+        }
+        head.push_str("\r\n");
+        head
+    };
+    let send = |head: String| {
+        let raw = [head.as_bytes(), &event].concat();
+        support::try_send_raw(server.http, &raw)
+            .map(|r| r.status)
+            .map_err(|e| e.to_string())
+    };
+    // Two different lengths, whichever comes first; a signed length.
+    let n = length.to_string();
+    for lengths in [
+        vec!["0".to_owned(), n.clone()],
+        vec![n.clone(), "0".to_owned()],
+        vec![format!("+{n}")],
+    ] {
+        assert_eq!(
+            send(post("Bearer", &lengths, false)),
+            Ok(400),
+            "{lengths:?}"
+        );
+    }
+    assert_eq!(server.answer(&sha)["count"], 0);
+
+    // The auth scheme is case-insensitive.
+    assert_eq!(
+        send(post("bearer", std::slice::from_ref(&n), false)),
+        Ok(204)
+    );
+    assert_eq!(server.answer(&sha)["count"], 1);
+
+    // Expect: 100-continue gets 100 Continue before the client sends the body.
+    let stream = TcpStream::connect(server.http).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    (&stream)
+        .write_all(post("Bearer", std::slice::from_ref(&n), true).as_bytes())
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "HTTP/1.1 100 Continue\r\n");
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "\r\n");
+    reader.get_mut().write_all(&event).unwrap();
+    let (status, _) = read_response(&mut reader);
+    assert_eq!(status, "HTTP/1.1 204 No Content");
+    assert_eq!(server.answer(&sha)["count"], 2);
+
+    // An absolute-form target is the same request as its path.
+    let absolute = format!(
+        "GET http://{}/events/{sha} HTTP/1.1\r\nConnection: close\r\n\r\n",
+        server.http
+    );
+    let response = support::send_raw(server.http, absolute.as_bytes());
+    assert_eq!(response.status, 200, "{}", response.text());
+    let answer: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+    assert_eq!(answer["count"], 2);
+
+    // A non-ASCII target gets a 400, even with a request pipelined behind it.
+    let mut stream = TcpStream::connect(server.http).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream
+        .write_all(b"GET /\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n")
+        .unwrap();
+    let (status, body) = read_response(&mut BufReader::new(stream));
+    assert_eq!(status, "HTTP/1.1 400 Bad Request", "{body}");
+    assert_eq!(healthz(server.http), Ok(200));
+}
+
+/// Issue 11, item 5: an empty admin token would make every DELETE and POST a 401.
+#[test]
+fn an_empty_admin_token_is_refused_at_start() {
+    let loopback = ["--udp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--no-pin"];
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
+    let cases: [Case; 2] = [
+        (&[], &[("IPEVENTS_ADMIN_TOKEN", "")]),
+        (&["--admin-token", " "], &[]),
+    ];
+    for (args, env) in cases {
+        let exit = support::run_to_exit_with_env(&[&loopback[..], args].concat(), env);
+        assert_eq!(
+            exit.status.code(),
+            Some(1),
+            "{args:?} {env:?}: {}",
+            exit.stderr
+        );
+        assert_eq!(exit.stderr.lines().count(), 1, "{}", exit.stderr);
+        assert!(exit.stderr.contains("admin token"), "{}", exit.stderr);
+    }
 }

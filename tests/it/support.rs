@@ -186,15 +186,45 @@ impl Drop for Server {
 
 /// Runs the server binary with `args` (no defaults added) and expects it to exit by itself.
 pub fn run_to_exit(args: &[&str]) -> Exit {
-    let output = Command::new(env!("CARGO_BIN_EXE_ipevents"))
+    run_to_exit_with_env(args, &[])
+}
+
+/// Like [`run_to_exit`], with extra environment variables. A server that has not exited
+/// within [`DEADLINE`] is killed by its PID and fails the test.
+pub fn run_to_exit_with_env(args: &[&str], env: &[(&str, &str)]) -> Exit {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ipevents"))
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run the server binary");
+    let read_all = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    };
+    let stdout = read_all(Box::new(child.stdout.take().unwrap()));
+    let stderr = read_all(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} did not exit within {DEADLINE:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
     Exit {
-        status: output.status,
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
     }
 }
 
