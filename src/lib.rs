@@ -14,6 +14,7 @@
 //! - [`http`]: the REST API.
 //! - [`metrics`]: `/metrics` text and the shutdown report.
 //! - [`snapshot`]: the state file that carries the counts across restarts.
+//! - [`signals`]: the signals the server catches, and what each means.
 //! - [`config`] and [`server`]: the command line and the lifecycle.
 #![deny(unsafe_code)]
 
@@ -23,6 +24,7 @@ pub mod gate;
 pub mod http;
 pub mod metrics;
 pub mod server;
+pub mod signals;
 pub mod snapshot;
 pub mod socket;
 pub mod store;

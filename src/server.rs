@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::gate::{Gate, GateCounters};
 use crate::http::{self, Api};
 use crate::metrics::{self, Totals};
+use crate::signals::{self, CaughtSignals, SignalAction};
 use crate::snapshot::{self, BadState, SnapshotCounters};
 use crate::socket::{self, Rcvbuf, Steering};
 use crate::store::{AppBudget, AppRecord, AppTable, Limits};
@@ -28,7 +29,7 @@ use core_affinity::CoreId;
 /// Something the main thread must act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lifecycle {
-    /// SIGINT or SIGTERM: stop gracefully.
+    /// SIGINT, SIGTERM or SIGQUIT: stop gracefully.
     Signal(i32),
     /// A worker thread ended; unless the server is stopping, that is a failure.
     WorkerStopped(usize),
@@ -284,11 +285,31 @@ pub fn start(config: &Config) -> Result<Server, String> {
 }
 
 impl Server {
-    /// Forwards SIGINT and SIGTERM to [`Server::wait`].
-    pub fn forward_signals(&self) -> io::Result<()> {
+    /// Acts on the caught signals: the ones that stop go to [`Server::wait`], the ones that
+    /// ask for a snapshot to the snapshot thread, and the rest are logged.
+    pub fn forward_signals(&self, caught: CaughtSignals) -> io::Result<()> {
         let lifecycle = self.lifecycle_tx.clone();
-        on_stop_signals(move |signal| {
-            let _ = lifecycle.send(Lifecycle::Signal(signal));
+        let snapshots = self.snapshotter.as_ref().map(|s| s.requests.clone());
+        caught.forward(move |signal| match signals::action(signal) {
+            Some(SignalAction::Stop) => {
+                let _ = lifecycle.send(Lifecycle::Signal(signal));
+            }
+            Some(SignalAction::Snapshot) => match &snapshots {
+                Some(requests) => {
+                    eprintln!(
+                        "ipevents: {}: writing a snapshot now",
+                        signals::name(signal)
+                    );
+                    let _ = requests.try_send(SnapshotRequest::Now);
+                }
+                None => eprintln!(
+                    "ipevents: {}: no --state to write a snapshot to; ignored",
+                    signals::name(signal)
+                ),
+            },
+            Some(SignalAction::Ignore) | None => {
+                eprintln!("ipevents: {}: ignored", signals::name(signal));
+            }
         })
     }
 
@@ -425,11 +446,18 @@ fn check_writable(path: &Path) -> io::Result<()> {
     std::fs::remove_file(&probe)
 }
 
-/// The thread that writes the state file every --snapshot-interval. The workers only copy
-/// their tables; merging and writing happen here, off the data path.
+/// The thread that writes the state file every --snapshot-interval, and when asked. The
+/// workers only copy their tables; merging and writing happen here, off the data path.
 struct Snapshotter {
-    stop: Sender<()>,
+    requests: Sender<SnapshotRequest>,
     thread: JoinHandle<()>,
+}
+
+/// What the snapshot thread is asked to do besides its periodic snapshot.
+enum SnapshotRequest {
+    /// Write a snapshot now (SIGHUP, SIGUSR1).
+    Now,
+    Stop,
 }
 
 impl Snapshotter {
@@ -439,7 +467,7 @@ impl Snapshotter {
         interval: std::time::Duration,
         counters: Arc<SnapshotCounters>,
     ) -> Result<Snapshotter, String> {
-        let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+        let (requests, requested) = crossbeam_channel::bounded(4);
         let thread = thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
@@ -448,8 +476,8 @@ impl Snapshotter {
                 if let Err(e) = socket::lower_thread_priority() {
                     eprintln!("warning: snapshot thread keeps its priority: {e}");
                 }
-                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(interval)
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout)
+                | Ok(SnapshotRequest::Now) = requested.recv_timeout(interval)
                 {
                     let started = Instant::now();
                     let written =
@@ -471,11 +499,11 @@ impl Snapshotter {
                 }
             })
             .map_err(|e| format!("spawn snapshot thread: {e}"))?;
-        Ok(Snapshotter { stop, thread })
+        Ok(Snapshotter { requests, thread })
     }
 
     fn stop(self) {
-        let _ = self.stop.send(());
+        let _ = self.requests.send(SnapshotRequest::Stop);
         let _ = self.thread.join();
     }
 }
@@ -490,11 +518,14 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Runs the server until SIGINT or SIGTERM and prints the report; the body of `main`.
+/// Runs the server until SIGINT, SIGTERM or SIGQUIT and prints the report; the body of
+/// `main`.
 pub fn run(config: &Config) -> Result<(), String> {
+    // Caught before anything else, so that no signal kills the server while it starts.
+    let caught = CaughtSignals::catch().map_err(|e| format!("install signal handlers: {e}"))?;
     let server = start(config)?;
     server
-        .forward_signals()
+        .forward_signals(caught)
         .map_err(|e| format!("install signal handlers: {e}"))?;
     if server.rcvbuf.capped() {
         eprintln!(

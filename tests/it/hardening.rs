@@ -312,3 +312,94 @@ fn an_empty_admin_token_is_refused_at_start() {
         assert!(exit.stderr.contains("admin token"), "{}", exit.stderr);
     }
 }
+
+/// The events the state file at `path` holds for `sha`; `None` while there is no file.
+fn state_count(path: &str, sha: &str) -> Option<u64> {
+    let records = ipevents::snapshot::read(std::path::Path::new(path)).ok()??;
+    Some(
+        records
+            .iter()
+            .find(|record| record.app.to_hex() == sha)
+            .map_or(0, |record| record.partial.events),
+    )
+}
+
+/// Waits until the state file at `path` holds `want` events for `sha`.
+#[track_caller]
+fn wait_for_state_count(path: &str, sha: &str, want: u64) {
+    let deadline = Instant::now() + DEADLINE;
+    while state_count(path, sha) != Some(want) {
+        assert!(
+            Instant::now() < deadline,
+            "the state file holds {:?} events, not {want}",
+            state_count(path, sha)
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Issue 11, item 3: SIGHUP and SIGUSR1 write a snapshot now, SIGUSR2 is logged and ignored,
+/// SIGQUIT stops like SIGTERM; none kills the server or loses an event. Before, each of them
+/// killed the server at once, with no drain and no state file.
+#[test]
+fn signals_write_snapshots_or_stop_gracefully_and_lose_nothing() {
+    let dir = crate::restart::StateDir::new("signals");
+    let state = dir.file();
+    let mut server = Server::start(&[
+        "--workers",
+        "2",
+        "--state",
+        &state,
+        "--snapshot-interval",
+        "3600",
+    ]);
+    let sha = "5a".repeat(32);
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.connect(server.udp).unwrap();
+    let mut sent = 0;
+    for signal in ["HUP", "USR1"] {
+        for _ in 0..3 {
+            support::send_datagram(&socket, &ipevents::wire::encode(&sha, 7));
+            sent += 1;
+        }
+        assert_eq!(server.answer(&sha)["count"], sent);
+        let _ = std::fs::remove_file(&state);
+        server.signal(signal);
+        wait_for_state_count(&state, &sha, sent);
+        assert_eq!(healthz(server.http), Ok(200));
+    }
+    server.signal("USR2");
+    server
+        .wait_for_line("SIGUSR2: ignored")
+        .expect("a line for SIGUSR2");
+    assert_eq!(healthz(server.http), Ok(200));
+    support::send_datagram(&socket, &ipevents::wire::encode(&sha, 7));
+    sent += 1;
+    // SIGQUIT drains the sockets and writes the state file, as SIGTERM does.
+    server.signal("QUIT");
+    let exit = server.wait_exit();
+    assert!(exit.status.success(), "{}", exit.stderr);
+    assert!(
+        exit.stdout.contains("totals: received 7"),
+        "{}",
+        exit.stdout
+    );
+    assert_eq!(state_count(&state, &sha), Some(sent));
+}
+
+/// Issue 11, item 3: without `--state`, SIGHUP and SIGUSR1 have nothing to write; the server
+/// says so and keeps running.
+#[test]
+fn snapshot_signals_without_a_state_file_are_logged_and_ignored() {
+    let mut server = Server::start(&["--workers", "1"]);
+    for (signal, name) in [("HUP", "SIGHUP"), ("USR1", "SIGUSR1")] {
+        server.signal(signal);
+        let line = server
+            .wait_for_line(&format!("{name}: no --state"))
+            .expect("a line for the signal");
+        assert!(line.contains("ignored"), "{line}");
+        assert_eq!(healthz(server.http), Ok(200));
+    }
+    let exit = server.stop();
+    assert!(exit.status.success(), "{}", exit.stderr);
+}

@@ -73,7 +73,7 @@ impl Server {
     }
 
     /// Waits for a stderr line containing `needle`; on failure returns what it saw.
-    fn wait_for_line(&mut self, needle: &str) -> Result<String, String> {
+    pub fn wait_for_line(&mut self, needle: &str) -> Result<String, String> {
         let deadline = Instant::now() + DEADLINE;
         let mut seen = String::new();
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
