@@ -396,7 +396,9 @@ fn load_state(config: &Config) -> Result<Vec<AppRecord>, String> {
     let Some(path) = &config.state else {
         return Ok(Vec::new());
     };
-    check_writable(path)
+    let file =
+        snapshot::resolve(path).map_err(|e| format!("state file {}: {e}", path.display()))?;
+    check_writable(&file)
         .map_err(|e| format!("state file {}: cannot write beside it: {e}", path.display()))?;
     match snapshot::read(path) {
         Ok(Some(records)) => Ok(records),
@@ -409,6 +411,10 @@ fn load_state(config: &Config) -> Result<Vec<AppRecord>, String> {
         }
         Err(BadState::Unreadable(e)) => Err(format!(
             "state file {}: cannot read it: {e}; check its permissions",
+            path.display()
+        )),
+        Err(bad @ BadState::NotAFile(_)) => Err(format!(
+            "state file {}: {bad}; give --state the path of a regular file",
             path.display()
         )),
         Err(bad) if config.discard_bad_state => {

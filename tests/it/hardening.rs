@@ -403,3 +403,56 @@ fn snapshot_signals_without_a_state_file_are_logged_and_ignored() {
     let exit = server.stop();
     assert!(exit.status.success(), "{}", exit.stderr);
 }
+
+/// Issue 11, item 4: a `--state` symlink is written where it points, and stays a link. Before,
+/// the first write replaced the link with a regular file beside it.
+#[test]
+fn a_state_symlink_is_followed_and_kept() {
+    let dir = crate::restart::StateDir::new("symlink");
+    let volume = dir.0.join("volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    let target = volume.join("state");
+    let link = dir.file();
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let sha = "1e".repeat(32);
+    let server = Server::start(&["--workers", "2", "--state", &link]);
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.connect(server.udp).unwrap();
+    for _ in 0..5 {
+        support::send_datagram(&socket, &ipevents::wire::encode(&sha, 9));
+    }
+    assert_eq!(server.answer(&sha)["count"], 5);
+    assert!(server.stop().status.success());
+    let link_kind = std::fs::symlink_metadata(&link).unwrap().file_type();
+    assert!(link_kind.is_symlink(), "the link was replaced");
+    assert_eq!(state_count(target.to_str().unwrap(), &sha), Some(5));
+    // A restart reads through the link.
+    let server = Server::start(&["--workers", "2", "--state", &link]);
+    assert_eq!(server.answer(&sha)["count"], 5);
+}
+
+/// Issue 11, item 4: a `--state` that is a FIFO, a device or a directory is refused with one
+/// line. Before, the server blocked on the FIFO and read /dev/zero without end.
+#[test]
+fn a_state_path_that_is_not_a_regular_file_is_refused() {
+    let dir = crate::restart::StateDir::new("not-a-file");
+    let fifo = dir.0.join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let loopback = ["--udp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--no-pin"];
+    for (path, kind) in [
+        (fifo.to_str().unwrap(), "FIFO"),
+        (dir.0.to_str().unwrap(), "directory"),
+        ("/dev/zero", "character device"),
+    ] {
+        let args = [&loopback[..], &["--state", path]].concat();
+        let exit = support::run_to_exit_with_env(&args, &[]);
+        assert_eq!(exit.status.code(), Some(1), "{path}: {}", exit.stderr);
+        assert_eq!(exit.stderr.lines().count(), 1, "{}", exit.stderr);
+        let want = format!("it is a {kind}, not a regular file");
+        assert!(exit.stderr.contains(&want), "{path}: {}", exit.stderr);
+    }
+}
