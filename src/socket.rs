@@ -262,6 +262,24 @@ pub fn lower_thread_priority() -> io::Result<()> {
     }
 }
 
+/// CPU time the calling thread has used. It stands still while the thread waits for a CPU,
+/// which is what lets a budget of it survive contention with other processes.
+pub fn thread_cpu_time() -> io::Result<Duration> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Duration::new(
+        u64::try_from(now.tv_sec).unwrap_or(0),
+        u32::try_from(now.tv_nsec).unwrap_or(0),
+    ))
+}
+
 /// Datagrams the kernel dropped on this socket because its receive queue was full, from
 /// SO_MEMINFO. `Ok(None)` when the kernel does not report it.
 pub fn kernel_drops(socket: &impl AsRawFd) -> io::Result<Option<u64>> {

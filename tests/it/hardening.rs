@@ -456,3 +456,88 @@ fn a_state_path_that_is_not_a_regular_file_is_refused() {
         assert!(exit.stderr.contains(&want), "{path}: {}", exit.stderr);
     }
 }
+
+/// Busy loops pinned to one CPU, killed by PID when dropped.
+struct Hogs(Vec<std::process::Child>);
+
+impl Hogs {
+    fn start(cpu: usize, count: usize) -> Hogs {
+        Hogs(
+            (0..count)
+                .map(|_| {
+                    std::process::Command::new("taskset")
+                        .args(["-c", &cpu.to_string(), "sh", "-c", "while :; do :; done"])
+                        .stdin(std::process::Stdio::null())
+                        .spawn()
+                        .expect("start a busy loop with taskset")
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        for hog in &mut self.0 {
+            let _ = hog.kill();
+            let _ = hog.wait();
+        }
+    }
+}
+
+/// Issue 11, item 6: a reset reads everything queued before it, even when the worker shares
+/// its CPU with busy processes. The server is stopped while 60,000 datagrams and the
+/// `DELETE /events` queue up, then resumed pinned to one CPU with six busy loops on it: the
+/// worker gets a seventh of the CPU. Before, the drain stopped after 200 ms of wall-clock
+/// time, and the datagrams it had not reached by then were counted after the reset.
+#[test]
+fn a_reset_under_cpu_contention_reads_the_whole_queue() {
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--rcvbuf",
+        "134217728",
+        "--reply-timeout-ms",
+        "15000",
+    ]);
+    let sha = "c0".repeat(32);
+    let pinned = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", "0", &server.pid().to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run taskset");
+    assert!(pinned.success());
+    // What the kernel holds: 832 bytes a small datagram, in the buffer it granted.
+    let granted: usize = support::field(&server.listening, "rcvbuf_bytes=")
+        .parse()
+        .unwrap();
+    let queued = (granted / 1000).min(60_000) as u64;
+    server.signal("STOP");
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.connect(server.udp).unwrap();
+    for ip in 0..queued {
+        let datagram = ipevents::wire::encode(&sha, (0x0a00_0000 + ip) as i64);
+        support::send_datagram(&socket, &datagram);
+    }
+    let mut reset = TcpStream::connect(server.http).unwrap();
+    reset.set_read_timeout(Some(DEADLINE)).unwrap();
+    reset
+        .write_all(b"DELETE /events HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let hogs = Hogs::start(0, 6);
+    server.signal("CONT");
+    let (status, body) = read_response(&mut BufReader::new(reset));
+    drop(hogs);
+    assert_eq!(status, "HTTP/1.1 204 No Content", "{body}");
+    assert_eq!(
+        server.answer(&sha)["count"],
+        0,
+        "datagrams sent before the reset were counted after it"
+    );
+    let metrics = server.get("/metrics").text();
+    assert_eq!(support::metric(&metrics, "ipevents_kernel_drops_total"), 0);
+    assert_eq!(
+        support::metric(&metrics, "ipevents_datagrams_received_total"),
+        queued
+    );
+}

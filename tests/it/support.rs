@@ -21,6 +21,8 @@ pub struct Server {
     child: Option<Child>,
     pub udp: SocketAddr,
     pub http: SocketAddr,
+    /// The server's "listening" line, with its bound addresses and settings.
+    pub listening: String,
     stderr: mpsc::Receiver<String>,
     stdout: Option<thread::JoinHandle<String>>,
 }
@@ -61,6 +63,7 @@ impl Server {
             child: Some(child),
             udp: "0.0.0.0:0".parse().unwrap(),
             http: "0.0.0.0:0".parse().unwrap(),
+            listening: String::new(),
             stderr,
             stdout: Some(stdout),
         };
@@ -69,6 +72,7 @@ impl Server {
             .unwrap_or_else(|seen| panic!("server did not start; it said: {seen}"));
         server.udp = field(&line, "udp=").parse().unwrap();
         server.http = field(&line, "http=").parse().unwrap();
+        server.listening = line;
         server
     }
 
@@ -241,7 +245,8 @@ fn forward_lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     rx
 }
 
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
+/// The value of `key=value` in a log line.
+pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
     line.split_whitespace()
         .find_map(|word| word.strip_prefix(key))
         .unwrap_or_else(|| panic!("no {key} in {line:?}"))
