@@ -533,14 +533,8 @@ pub fn run(config: &Config) -> Result<(), String> {
     server
         .forward_signals(caught)
         .map_err(|e| format!("install signal handlers: {e}"))?;
-    if server.rcvbuf.capped() {
-        eprintln!(
-            "warning: udp receive buffer is {} bytes, not the {} asked: without CAP_NET_ADMIN the \
-             kernel caps it at net.core.rmem_max (raise it: sysctl -w net.core.rmem_max={})",
-            server.rcvbuf.granted_bytes,
-            server.rcvbuf.requested_bytes,
-            server.rcvbuf.requested_bytes
-        );
+    if let Some(warning) = server.rcvbuf.warning() {
+        eprintln!("{warning}");
     }
     if server.restored_apps + server.unrestored_apps > 0 {
         eprintln!(

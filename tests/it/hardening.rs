@@ -541,3 +541,36 @@ fn a_reset_under_cpu_contention_reads_the_whole_queue() {
         queued
     );
 }
+
+/// Issue 11, item 7: a receive buffer far from what was asked, either way, gets one warning
+/// line. Before, `--rcvbuf 0` started silently with 1,152 bytes and `--rcvbuf 99999999999999`
+/// silently with 1 GiB.
+#[test]
+fn a_receive_buffer_far_from_the_request_is_warned_about() {
+    // Without CAP_NET_ADMIN the large request is capped at net.core.rmem_max instead.
+    for (rcvbuf, reasons) in [
+        ("0", &["the kernel's smallest"][..]),
+        (
+            "99999999999999",
+            &["the kernel grants at most", "net.core.rmem_max"],
+        ),
+    ] {
+        let server = Server::start(&["--workers", "1", "--rcvbuf", rcvbuf]);
+        let warnings: Vec<&String> = server
+            .startup
+            .iter()
+            .filter(|line| line.contains("udp receive buffer"))
+            .collect();
+        assert_eq!(warnings.len(), 1, "--rcvbuf {rcvbuf}: {:?}", server.startup);
+        let granted = support::field(&server.listening, "rcvbuf_bytes=");
+        let want =
+            format!("warning: udp receive buffer is {granted} bytes, not the {rcvbuf} asked");
+        assert!(warnings[0].starts_with(&want), "{}", warnings[0]);
+        assert!(
+            reasons.iter().any(|reason| warnings[0].contains(reason)),
+            "{}",
+            warnings[0]
+        );
+        assert_eq!(healthz(server.http), Ok(200));
+    }
+}

@@ -23,7 +23,11 @@ pub struct Server {
     pub http: SocketAddr,
     /// The server's "listening" line, with its bound addresses and settings.
     pub listening: String,
+    /// What the server printed to stderr before that line (warnings, restore notes).
+    pub startup: Vec<String>,
     stderr: mpsc::Receiver<String>,
+    /// Lines read from stderr while waiting for another.
+    seen: Vec<String>,
     stdout: Option<thread::JoinHandle<String>>,
 }
 
@@ -64,12 +68,15 @@ impl Server {
             udp: "0.0.0.0:0".parse().unwrap(),
             http: "0.0.0.0:0".parse().unwrap(),
             listening: String::new(),
+            startup: Vec::new(),
             stderr,
+            seen: Vec::new(),
             stdout: Some(stdout),
         };
         let line = server
             .wait_for_line("ipevents: listening")
             .unwrap_or_else(|seen| panic!("server did not start; it said: {seen}"));
+        server.startup = server.seen.drain(..).collect();
         server.udp = field(&line, "udp=").parse().unwrap();
         server.http = field(&line, "http=").parse().unwrap();
         server.listening = line;
@@ -79,18 +86,15 @@ impl Server {
     /// Waits for a stderr line containing `needle`; on failure returns what it saw.
     pub fn wait_for_line(&mut self, needle: &str) -> Result<String, String> {
         let deadline = Instant::now() + DEADLINE;
-        let mut seen = String::new();
+        let first = self.seen.len();
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.stderr.recv_timeout(left) {
                 Ok(line) if line.contains(needle) => return Ok(line),
-                Ok(line) => {
-                    seen.push_str(&line);
-                    seen.push('\n');
-                }
+                Ok(line) => self.seen.push(line),
                 Err(_) => break,
             }
         }
-        Err(seen)
+        Err(self.seen[first..].join("\n"))
     }
 
     pub fn pid(&self) -> u32 {
