@@ -65,6 +65,11 @@ impl Cluster {
 
     /// App entries held by all workers together.
     pub fn app_entries(&self) -> usize {
+        self.budget.entries()
+    }
+
+    /// Distinct apps held by the workers: what `--max-apps` caps.
+    pub fn apps(&self) -> usize {
         self.budget.used()
     }
 

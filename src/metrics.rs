@@ -124,6 +124,13 @@ pub fn render(api: &mut Api) -> String {
     );
     single(
         &mut out,
+        "apps_distinct",
+        "gauge",
+        "Distinct apps held by at least one worker: what --max-apps caps.",
+        cluster.apps(),
+    );
+    single(
+        &mut out,
         "workers",
         "gauge",
         "Ingest workers.",

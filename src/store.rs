@@ -124,6 +124,8 @@ pub struct AppBudget {
     max_apps: usize,
     /// Distinct apps held by at least one worker.
     apps: AtomicUsize,
+    /// App entries held by all workers together: an app seen by k workers counts k times.
+    entries: AtomicUsize,
     /// For every tracked app, how many workers hold an entry for it.
     holders: Box<[Mutex<HashMap<AppKey, u32>>]>,
     /// Picks an app's shard; randomly keyed, since anyone can choose the shas.
@@ -135,6 +137,7 @@ impl AppBudget {
         AppBudget {
             max_apps,
             apps: AtomicUsize::new(0),
+            entries: AtomicUsize::new(0),
             holders: (0..REGISTER_SHARDS)
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
@@ -142,9 +145,14 @@ impl AppBudget {
         }
     }
 
-    /// Distinct apps held by the workers together.
+    /// Distinct apps held by the workers together: what the cap counts.
     pub fn used(&self) -> usize {
         self.apps.load(Ordering::Relaxed)
+    }
+
+    /// App entries held by the workers together; an app seen by k workers counts k times.
+    pub fn entries(&self) -> usize {
+        self.entries.load(Ordering::Relaxed)
     }
 
     /// How many workers hold an entry for `app`. For tests and fuzzing.
@@ -166,6 +174,7 @@ impl AppBudget {
         let mut shard = self.shard(app);
         if let Some(holders) = shard.get_mut(app) {
             *holders += 1;
+            self.entries.fetch_add(1, Ordering::Relaxed);
             return true;
         }
         // Under the shard's lock, so that two workers cannot both create the same app.
@@ -177,6 +186,7 @@ impl AppBudget {
             .is_ok();
         if taken {
             shard.insert(*app, 1);
+            self.entries.fetch_add(1, Ordering::Relaxed);
         }
         taken
     }
@@ -202,6 +212,7 @@ impl AppBudget {
             return;
         };
         *holders -= 1;
+        self.entries.fetch_sub(1, Ordering::Relaxed);
         if *holders == 0 {
             shard.remove(app);
             self.apps.fetch_sub(1, Ordering::Relaxed);
@@ -743,6 +754,7 @@ mod tests {
             100,
             "a second entry for a tracked app is free"
         );
+        assert_eq!(budget.entries(), 101);
         for worker in &workers {
             assert_eq!(worker.check_invariants(), Ok(()));
         }
@@ -755,7 +767,7 @@ mod tests {
         let [first, second] = workers;
         drop(first);
         drop(second);
-        assert_eq!(budget.used(), 0);
+        assert_eq!((budget.used(), budget.entries()), (0, 0));
     }
 
     #[test]
