@@ -389,6 +389,9 @@ impl Worker {
                 return;
             }
         };
+        // Tests slow every batch down here (`delay` spins, using CPU time) to flood a worker
+        // beyond what it can take.
+        fail::fail_point!("worker::batch");
         let mut tally = Tally {
             received: received as u64,
             ..Tally::default()

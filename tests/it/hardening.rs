@@ -574,3 +574,58 @@ fn a_receive_buffer_far_from_the_request_is_warned_about() {
         assert_eq!(healthz(server.http), Ok(200));
     }
 }
+
+/// Issue 11, item 6: the drain is bounded, by CPU time now: under a flood beyond what the
+/// worker can take (each batch made to spin for 2 ms, so that it takes at most 32,000
+/// datagrams a second), queries are still answered within the reply timeout while the flood
+/// goes on, longer than that timeout. A drain without a bound would answer only after the
+/// flood.
+#[test]
+fn a_flood_beyond_capacity_does_not_starve_queries() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let server = Server::start_with_env(
+        &["--workers", "1", "--reply-timeout-ms", "5000"],
+        &[("FAILPOINTS", "worker::batch=delay(2)")],
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        let udp = server.udp;
+        thread::spawn(move || {
+            let sockets: Vec<UdpSocket> = (0..4)
+                .map(|_| {
+                    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+                    socket.connect(udp).unwrap();
+                    socket
+                })
+                .collect();
+            let datagrams: Vec<Vec<u8>> = (0..64u32)
+                .map(|i| ipevents::wire::encode(&"f1".repeat(32), (0x0a00_0000 + i).into()))
+                .collect();
+            let slices: Vec<&[u8]> = datagrams.iter().map(Vec::as_slice).collect();
+            let mut batch = ipevents::socket::SendBatch::new(64);
+            // Longer than the reply timeout, so that a drain without a bound would fail.
+            let deadline = Instant::now() + Duration::from_secs(12);
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let _ = batch.send(&sockets[i % sockets.len()], &slices);
+                i += 1;
+            }
+        })
+    };
+    // The flood is beyond what the worker takes once the kernel drops datagrams for it.
+    let overflowing = Instant::now() + DEADLINE;
+    while server.metric("ipevents_kernel_drops_total") == 0 {
+        assert!(Instant::now() < overflowing, "the flood never overflowed");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let other = "f2".repeat(32);
+    for _ in 0..2 {
+        // A 200 within the reply timeout: a 503 would fail here.
+        assert_eq!(server.answer(&other)["count"], 0);
+    }
+    stop.store(true, Ordering::Relaxed);
+    flood.join().unwrap();
+}
