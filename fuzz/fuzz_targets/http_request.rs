@@ -156,11 +156,13 @@ impl Harness {
             _ => {}
         }
         if matches!(status, 204 | 200) && matches!(method, "POST" | "DELETE") {
+            // The scheme is case-insensitive (RFC 7235).
             let token = request
                 .authorization
                 .as_deref()
-                .and_then(|value| value.strip_prefix("Bearer "))
-                .map(str::trim);
+                .and_then(|value| value.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Bearer"))
+                .map(|(_, token)| token.trim());
             assert_eq!(
                 token,
                 Some(ADMIN_TOKEN),
