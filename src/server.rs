@@ -398,9 +398,14 @@ fn load_state(config: &Config) -> Result<Vec<AppRecord>, String> {
     };
     let file =
         snapshot::resolve(path).map_err(|e| format!("state file {}: {e}", path.display()))?;
-    check_writable(&file)
-        .map_err(|e| format!("state file {}: cannot write beside it: {e}", path.display()))?;
-    match snapshot::read(path) {
+    // Read first, so that a path that is not a file is refused before anything is written
+    // beside it.
+    let read = snapshot::read(path);
+    if !matches!(read, Err(BadState::NotAFile(_))) {
+        check_writable(&file)
+            .map_err(|e| format!("state file {}: cannot write beside it: {e}", path.display()))?;
+    }
+    match read {
         Ok(Some(records)) => Ok(records),
         Ok(None) => {
             eprintln!(
