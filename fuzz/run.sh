@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for a bounded time and fails if any of them crashes:
 #
-#   fuzz/run.sh [SECONDS]    (default 60 seconds per target)
+#   fuzz/run.sh [SECONDS] [TARGET...]    (default 60 seconds per target, every target)
 #
 # How this runs on stable Rust, with no nightly toolchain: cargo-fuzz instruments the build
 # with `-Cpasses=sancov-module` and `-Cllvm-args=-sanitizer-coverage-*`, which stable rustc
@@ -22,9 +22,10 @@ cd "$(dirname "$0")"
 
 seconds=${1:-60}
 if ! [[ $seconds =~ ^[0-9]+$ ]] || ((seconds == 0)); then
-  echo "usage: fuzz/run.sh [SECONDS]  (seconds per target, default 60)" >&2
+  echo "usage: fuzz/run.sh [SECONDS] [TARGET...]  (seconds per target, default 60)" >&2
   exit 2
 fi
+shift $(($# > 0 ? 1 : 0))
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "== cargo install cargo-fuzz --locked"
@@ -55,7 +56,11 @@ echo "== cargo fuzz build (sanitizer: $sanitizer)"
 cargo fuzz build "${build[@]}"
 
 failed=()
-for target in $(cargo fuzz list); do
+targets=("$@")
+if ((${#targets[@]} == 0)); then
+  mapfile -t targets < <(cargo fuzz list)
+fi
+for target in "${targets[@]}"; do
   corpus="corpus/$target"
   mkdir -p "$corpus"
   if [[ -d seeds/$target ]]; then

@@ -32,6 +32,8 @@ pub struct Cluster {
     workers: Vec<WorkerHandle>,
     budget: Arc<AppBudget>,
     reply_timeout: Duration,
+    /// IPs one answer lists at most: `--max-ips-per-app`, for the merged answer too.
+    max_ips: usize,
     /// Which worker takes the next event that arrives over HTTP.
     next_apply: Cell<usize>,
 }
@@ -46,8 +48,15 @@ impl Cluster {
             workers,
             budget,
             reply_timeout,
+            max_ips: usize::MAX,
             next_apply: Cell::new(0),
         }
+    }
+
+    /// Caps the IPs of a merged answer at `max_ips`, as each worker caps what it stores.
+    pub fn with_max_ips(mut self, max_ips: usize) -> Cluster {
+        self.max_ips = max_ips;
+        self
     }
 
     pub fn workers(&self) -> &[WorkerHandle] {
@@ -56,12 +65,19 @@ impl Cluster {
 
     /// App entries held by all workers together.
     pub fn app_entries(&self) -> usize {
+        self.budget.entries()
+    }
+
+    /// Distinct apps held by the workers: what `--max-apps` caps.
+    pub fn apps(&self) -> usize {
         self.budget.used()
     }
 
     /// The server's answer for `app`: every worker's partial answer, merged and classified.
     pub fn query(&self, app: AppKey) -> Result<Verdict, Unavailable> {
-        Ok(store::classify(&store::merge_partials(self.partials(app)?)))
+        let mut merged = store::merge_partials(self.partials(app)?);
+        store::cap_ips(&mut merged, self.max_ips);
+        Ok(store::classify(&merged))
     }
 
     /// Every worker's partial answer for `app`, each after draining its socket.

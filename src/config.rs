@@ -75,9 +75,8 @@ pub struct Config {
     #[arg(long, env = "IPEVENTS_BATCH", default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub batch: u16,
 
-    /// Apps the server has room for on every worker: the workers together hold at most
-    /// this many app entries per worker (an app seen by k workers takes k entries); events
-    /// for new apps past it are dropped and counted.
+    /// Distinct apps the server tracks (an app seen by k workers counts once); events for an
+    /// app no worker tracks are dropped and counted past it. A tracked app is never dropped.
     #[arg(long, env = "IPEVENTS_MAX_APPS", default_value_t = 1_000_000, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_apps: u64,
 
@@ -110,8 +109,9 @@ pub struct Config {
     #[arg(long, env = "IPEVENTS_HTTP_MAX_CONNECTIONS", default_value_t = 256, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub http_max_connections: u64,
 
-    /// How long an HTTP client may stay idle between requests, and may take to send one
-    /// request, in milliseconds; past it the connection is closed (408 mid-request).
+    /// How long an HTTP client may stay idle between requests, may take to send one request,
+    /// and may take to read one answer, in milliseconds; past it the connection is closed
+    /// (408 mid-request).
     #[arg(long, env = "IPEVENTS_HTTP_TIMEOUT_MS", default_value_t = 10_000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub http_timeout_ms: u64,
 
@@ -203,6 +203,10 @@ impl Config {
             idle_timeout: timeout,
             request_timeout: timeout,
             upstream_timeout: self.reply_timeout() + Duration::from_secs(5),
+            response_timeout: timeout,
+            max_response_bytes: crate::gate::response_bytes_for(
+                usize::try_from(self.max_ips_per_app).unwrap_or(usize::MAX),
+            ),
             ..GateLimits::default()
         }
     }
@@ -218,13 +222,10 @@ impl Config {
         self.snapshot_interval().max(Duration::from_secs(60))
     }
 
-    /// App entries the workers may hold in all. An app seen by k workers takes k entries, and
-    /// with many senders every app is seen by every worker, so this leaves room for
-    /// --max-apps apps on each of them.
-    pub fn max_app_entries(&self, workers: usize) -> usize {
-        usize::try_from(self.max_apps)
-            .unwrap_or(usize::MAX)
-            .saturating_mul(workers)
+    /// Distinct apps the workers may track together: an app seen by k workers takes one unit
+    /// of the budget and k entries.
+    pub fn max_apps(&self) -> usize {
+        usize::try_from(self.max_apps).unwrap_or(usize::MAX)
     }
 
     /// What each worker's table may hold per app.

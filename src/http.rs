@@ -275,6 +275,7 @@ impl Api {
             workers: WorkerSample::of(self.cluster()),
             totals: Totals::of(self.cluster()),
             app_entries: self.cluster().app_entries(),
+            apps_distinct: self.cluster().apps(),
             snapshots,
             gate,
             requests: self
@@ -394,9 +395,14 @@ impl Api {
         let Some(token) = &self.admin_token else {
             return true;
         };
-        let Some(presented) = authorization.and_then(|value| value.strip_prefix("Bearer ")) else {
+        // The scheme is case-insensitive (RFC 7235): `bearer T` is `Bearer T`.
+        let Some((scheme, presented)) = authorization.and_then(|value| value.split_once(' '))
+        else {
             return false;
         };
+        if !scheme.eq_ignore_ascii_case("Bearer") {
+            return false;
+        }
         bool::from(presented.trim().as_bytes().ct_eq(token))
     }
 

@@ -19,6 +19,7 @@
 //! - [`backend`]: where answers come from, standalone or cluster mode; the API's one seam.
 //! - [`http`]: the REST API.
 //! - [`snapshotter`]: restoring the state file at start, and the thread that writes it.
+//! - [`signals`]: the signals the server catches, and what each means.
 //! - [`config`]: the command line and the values derived from it.
 //! - [`server`]: the lifecycle: wires the parts together and sequences start and stop.
 //!
@@ -76,5 +77,6 @@ pub mod flusher;
 pub mod backend;
 pub mod http;
 pub mod snapshotter;
+pub mod signals;
 pub mod config;
 pub mod server;

@@ -31,6 +31,8 @@ pub struct Stats<'a> {
     pub totals: Totals,
     /// App entries held by all workers together.
     pub app_entries: usize,
+    /// Distinct apps held by at least one worker: what `--max-apps` caps.
+    pub apps_distinct: usize,
     /// The snapshot thread's counters, when there is a state file.
     pub snapshots: Option<SnapshotSample>,
     /// The HTTP gate's counters, when there is a gate.
@@ -247,6 +249,13 @@ pub fn render(stats: &Stats) -> String {
         "gauge",
         "App entries held by the workers; an app seen by k workers counts k times.",
         stats.app_entries,
+    );
+    single(
+        &mut out,
+        "apps_distinct",
+        "gauge",
+        "Distinct apps held by at least one worker: what --max-apps caps.",
+        stats.apps_distinct,
     );
     single(
         &mut out,
@@ -564,6 +573,7 @@ mod tests {
                 ..Totals::default()
             },
             app_entries: 1,
+            apps_distinct: 1,
             snapshots: Some(SnapshotSample {
                 last_success_unix_s: 1_764_580_000,
                 ..SnapshotSample::default()

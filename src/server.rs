@@ -24,8 +24,9 @@ use crate::flusher::{self, Flusher, FlusherThread, StoreMetrics, StoreView};
 use crate::gate::{Gate, GateCounters};
 use crate::http::{self, Api};
 use crate::metrics::{self, Totals};
+use crate::signals::{self, CaughtSignals, SignalAction};
 use crate::snapshot::{self, SnapshotCounters};
-use crate::snapshotter::{self, Snapshotter};
+use crate::snapshotter::{self, SnapshotRequest, Snapshotter};
 use crate::socket::{self, Rcvbuf, Steering};
 use crate::store::{AppBudget, AppTable};
 use crate::worker::{Command, Worker, WorkerExit, WorkerStats};
@@ -34,7 +35,7 @@ use core_affinity::CoreId;
 /// Something the main thread must act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lifecycle {
-    /// SIGINT or SIGTERM: stop gracefully.
+    /// SIGINT, SIGTERM or SIGQUIT: stop gracefully.
     Signal(i32),
     /// A worker thread ended; unless the server is stopping, that is a failure.
     WorkerStopped(usize),
@@ -191,7 +192,8 @@ pub fn start(config: &Config) -> Result<Server, String> {
     )
     .map_err(|e| format!("start http gate on {http_addr}: {e}"))?;
 
-    let budget = Arc::new(AppBudget::new(config.max_app_entries(workers)));
+    // The budget counts distinct apps: an app seen by k workers takes one unit and k entries.
+    let budget = Arc::new(AppBudget::new(config.max_apps()));
     let limits = config.store_limits();
     let (lifecycle_tx, lifecycle) = crossbeam_channel::unbounded();
     let mut tables: Vec<AppTable> = (0..workers)
@@ -249,7 +251,8 @@ pub fn start(config: &Config) -> Result<Server, String> {
         )?),
         None => None,
     };
-    let workers_view = Cluster::new(handles.clone(), budget.clone(), config.reply_timeout());
+    let workers_view = Cluster::new(handles.clone(), budget.clone(), config.reply_timeout())
+        .with_max_ips(limits.max_ips_per_app);
     let (backend, flusher) = match connected {
         None => (Backend::Standalone(workers_view), None),
         Some(connected) => {
@@ -324,11 +327,28 @@ pub fn start(config: &Config) -> Result<Server, String> {
 }
 
 impl Server {
-    /// Forwards SIGINT and SIGTERM to [`Server::wait`].
-    pub fn forward_signals(&self) -> io::Result<()> {
+    /// Acts on the caught signals: the ones that stop go to [`Server::wait`], the ones that
+    /// ask for a snapshot to the snapshot thread, and the rest are logged.
+    pub fn forward_signals(&self, caught: CaughtSignals) -> io::Result<()> {
         let lifecycle = self.lifecycle_tx.clone();
-        on_stop_signals(move |signal| {
-            let _ = lifecycle.send(Lifecycle::Signal(signal));
+        let snapshots = self.snapshotter.as_ref().map(|s| s.requests.clone());
+        caught.forward(move |signal| match signals::action(signal) {
+            Some(SignalAction::Stop) => {
+                let _ = lifecycle.send(Lifecycle::Signal(signal));
+            }
+            Some(SignalAction::Snapshot) => match &snapshots {
+                Some(requests) => {
+                    log::info!("{}: writing a snapshot now", signals::name(signal));
+                    let _ = requests.try_send(SnapshotRequest::Now);
+                }
+                None => log::info!(
+                    "{}: no --state to write a snapshot to; ignored",
+                    signals::name(signal)
+                ),
+            },
+            Some(SignalAction::Ignore) | None => {
+                log::info!("{}: ignored", signals::name(signal));
+            }
         })
     }
 
@@ -438,20 +458,17 @@ fn tell_service_manager(states: &[NotifyState]) {
     }
 }
 
-/// Runs the server until SIGINT or SIGTERM and prints the report; the body of `main`.
+/// Runs the server until SIGINT, SIGTERM or SIGQUIT and prints the report; the body of
+/// `main`.
 pub fn run(config: &Config) -> Result<(), String> {
+    // Caught before anything else, so that no signal kills the server while it starts.
+    let caught = CaughtSignals::catch().map_err(|e| format!("install signal handlers: {e}"))?;
     let server = start(config)?;
     server
-        .forward_signals()
+        .forward_signals(caught)
         .map_err(|e| format!("install signal handlers: {e}"))?;
-    if server.rcvbuf.capped() {
-        log::warn!(
-            "udp receive buffer is {} bytes, not the {} asked: without CAP_NET_ADMIN the \
-             kernel caps it at net.core.rmem_max (raise it: sysctl -w net.core.rmem_max={})",
-            server.rcvbuf.granted_bytes,
-            server.rcvbuf.requested_bytes,
-            server.rcvbuf.requested_bytes
-        );
+    if let Some(warning) = server.rcvbuf.warning() {
+        log::warn!("{warning}");
     }
     if server.restored_apps + server.unrestored_apps > 0 {
         log::info!(

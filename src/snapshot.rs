@@ -14,10 +14,15 @@
 //!
 //! The records are merged over workers before they are written, so a file does not depend on
 //! how many workers wrote it or will read it. This module never touches a worker.
+//!
+//! A state path that is a symbolic link names the file it points to: that file is read and
+//! replaced, next to it, and the link stays. Anything but a regular file (a directory, a
+//! FIFO, a device) is refused, and a read takes no more than the header declares.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -64,6 +69,8 @@ impl SnapshotCounters {
 #[derive(Debug, PartialEq, Eq)]
 pub enum BadState {
     Unreadable(String),
+    /// The path names a directory, a FIFO, a device or a socket; the kind is given.
+    NotAFile(&'static str),
     NotAStateFile,
     WrongVersion(u32),
     Truncated,
@@ -75,6 +82,7 @@ impl std::fmt::Display for BadState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BadState::Unreadable(e) => write!(f, "cannot read it: {e}"),
+            BadState::NotAFile(kind) => write!(f, "it is a {kind}, not a regular file"),
             BadState::NotAStateFile => f.write_str("it is not an ipevents state file"),
             BadState::WrongVersion(v) => {
                 write!(
@@ -219,8 +227,30 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The file a state path names: a symbolic link is followed to its last target, which need
+/// not exist yet, so that the state is written where the link points and the link is kept.
+pub fn resolve(path: &Path) -> io::Result<PathBuf> {
+    let mut path = path.to_path_buf();
+    // As many links as the kernel follows before it says ELOOP.
+    for _ in 0..40 {
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let target = fs::read_link(&path)?;
+                // A relative target is relative to the link's directory; join keeps an
+                // absolute one as it is.
+                path = path
+                    .parent()
+                    .map_or(target.clone(), |dir| dir.join(&target));
+            }
+            _ => return Ok(path),
+        }
+    }
+    Err(io::Error::other("too many levels of symbolic links"))
+}
+
 /// Writes `records` to `path` atomically: a crash leaves either the old file or the new one.
 pub fn write(path: &Path, records: &[AppRecord]) -> io::Result<()> {
+    let path = &resolve(path)?;
     let bytes = encode(records);
     let temporary = sibling(path, "tmp");
     let mut file = File::create(&temporary)?;
@@ -238,15 +268,65 @@ pub fn write(path: &Path, records: &[AppRecord]) -> io::Result<()> {
 
 /// Reads the state file. `Ok(None)` when there is none yet (a first start).
 pub fn read(path: &Path) -> Result<Option<Vec<AppRecord>>, BadState> {
-    match fs::read(path) {
-        Ok(bytes) => decode(&bytes).map(Some),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(BadState::Unreadable(e.to_string())),
+    let unreadable = |e: io::Error| BadState::Unreadable(e.to_string());
+    let path = resolve(path).map_err(unreadable)?;
+    let kind = match fs::metadata(&path) {
+        Ok(meta) => meta.file_type(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(unreadable(e)),
+    };
+    if !kind.is_file() {
+        return Err(BadState::NotAFile(file_kind(kind)));
+    }
+    // Non-blocking, so that a FIFO put in the file's place cannot hang the start.
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&path)
+        .map_err(unreadable)?;
+    if !file.metadata().map_err(unreadable)?.is_file() {
+        return Err(BadState::NotAFile("file that changed while it was opened"));
+    }
+    decode(&read_bounded(file).map_err(unreadable)?).map(Some)
+}
+
+fn file_kind(kind: fs::FileType) -> &'static str {
+    if kind.is_dir() {
+        "directory"
+    } else if kind.is_fifo() {
+        "FIFO"
+    } else if kind.is_char_device() {
+        "character device"
+    } else if kind.is_block_device() {
+        "block device"
+    } else if kind.is_socket() {
+        "socket"
+    } else {
+        "special file"
     }
 }
 
-/// Moves a bad state file aside, next to where it was, and returns its new name.
+/// Reads the header, then no more than the body it declares, its checksum, and one byte to
+/// find out whether anything follows: a file that grows or never ends costs no more.
+fn read_bounded(mut file: impl Read) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(HEADER_BYTES);
+    (&mut file)
+        .take(HEADER_BYTES as u64)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() < HEADER_BYTES || &bytes[..MAGIC.len()] != MAGIC {
+        // Too short or foreign: decode says which.
+        return Ok(bytes);
+    }
+    let body_len = u64::from_le_bytes(bytes[12..HEADER_BYTES].try_into().expect("8 bytes"));
+    file.take(body_len.saturating_add(4 + 1))
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Moves a bad state file aside, next to where it was, and returns its new name. Through a
+/// link, the link's target is moved, and the link is kept for the next write.
 pub fn set_aside(path: &Path) -> io::Result<PathBuf> {
+    let path = &resolve(path)?;
     let seconds = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -361,6 +441,88 @@ mod tests {
         let aside = set_aside(&path).unwrap();
         assert!(aside.exists() && !path.exists());
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A fresh directory under the system's temporary one, removed when dropped.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Dir {
+            let dir = std::env::temp_dir()
+                .join(format!("ipevents-snapshot-{}-{name}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            Dir(dir)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Issue 11, item 4: the header says how much to read, whatever follows.
+    #[test]
+    fn reads_no_more_than_the_header_declares() {
+        let good = encode(&[record(1, 3, vec![(10, 3)], false)]);
+        assert_eq!(read_bounded(&good[..]).unwrap(), good);
+        // An endless stream after a valid file: the read stops one byte past the checksum.
+        let endless = (&good[..]).chain(io::repeat(7));
+        let bytes = read_bounded(endless).unwrap();
+        assert_eq!(bytes.len(), good.len() + 1);
+        assert_eq!(
+            decode(&bytes),
+            Err(BadState::Malformed("bytes after the checksum"))
+        );
+        // Endless zeros, and an endless header that claims 2^62 bytes of body, end too.
+        assert_eq!(read_bounded(io::repeat(0)).unwrap().len(), HEADER_BYTES);
+        let mut huge = MAGIC.to_vec();
+        huge.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        huge.extend_from_slice(&(1u64 << 62).to_le_bytes());
+        let short = read_bounded(&huge[..]).unwrap();
+        assert_eq!(decode(&short), Err(BadState::Truncated));
+    }
+
+    /// Issue 11, item 4: a state path that is a link is written where it points; the link
+    /// stays a link.
+    #[test]
+    fn writes_through_a_symlink_and_keeps_it() {
+        let dir = Dir::new("symlink");
+        let volume = dir.0.join("volume");
+        fs::create_dir_all(&volume).unwrap();
+        let link = dir.0.join("state");
+        let hop = dir.0.join("hop");
+        // state -> hop -> volume/state (relative), which does not exist yet.
+        std::os::unix::fs::symlink("hop", &link).unwrap();
+        std::os::unix::fs::symlink("volume/state", &hop).unwrap();
+        assert_eq!(resolve(&link).unwrap(), dir.0.join("volume/state"));
+        let records = vec![record(4, 1, vec![(1, 1)], false)];
+        write(&link, &records).unwrap();
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(fs::symlink_metadata(&hop).unwrap().file_type().is_symlink());
+        assert_eq!(read(&volume.join("state")), Ok(Some(records.clone())));
+        assert_eq!(read(&link), Ok(Some(records)));
+        let aside = set_aside(&link).unwrap();
+        assert_eq!(aside.parent(), Some(volume.as_path()));
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(read(&link), Ok(None));
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_regular_file() {
+        let dir = Dir::new("kinds");
+        assert_eq!(read(&dir.0), Err(BadState::NotAFile("directory")));
+        assert_eq!(
+            read(Path::new("/dev/zero")),
+            Err(BadState::NotAFile("character device"))
+        );
     }
 
     mod prop {

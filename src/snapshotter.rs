@@ -20,9 +20,16 @@ use crate::store::AppRecord;
 /// Reads the state file at `path` for a start. A bad file stops the start unless
 /// `discard_bad_state` says to move it aside.
 pub fn restore(path: &Path, discard_bad_state: bool) -> Result<Vec<AppRecord>, String> {
-    check_writable(path)
-        .map_err(|e| format!("state file {}: cannot write beside it: {e}", path.display()))?;
-    match snapshot::read(path) {
+    let file =
+        snapshot::resolve(path).map_err(|e| format!("state file {}: {e}", path.display()))?;
+    // Read first, so that a path that is not a file is refused before anything is written
+    // beside it.
+    let read = snapshot::read(path);
+    if !matches!(read, Err(BadState::NotAFile(_))) {
+        check_writable(&file)
+            .map_err(|e| format!("state file {}: cannot write beside it: {e}", path.display()))?;
+    }
+    match read {
         Ok(Some(records)) => Ok(records),
         Ok(None) => {
             log::info!("no state file at {} yet; starting empty", path.display());
@@ -30,6 +37,10 @@ pub fn restore(path: &Path, discard_bad_state: bool) -> Result<Vec<AppRecord>, S
         }
         Err(BadState::Unreadable(e)) => Err(format!(
             "state file {}: cannot read it: {e}; check its permissions",
+            path.display()
+        )),
+        Err(bad @ BadState::NotAFile(_)) => Err(format!(
+            "state file {}: {bad}; give --state the path of a regular file",
             path.display()
         )),
         Err(bad) if discard_bad_state => {
@@ -67,11 +78,18 @@ fn check_writable(path: &Path) -> io::Result<()> {
     std::fs::remove_file(&probe)
 }
 
-/// The thread that writes the state file every --snapshot-interval. The workers only copy
-/// their tables; merging and writing happen here, off the data path.
+/// The thread that writes the state file every --snapshot-interval, and when asked. The
+/// workers only copy their tables; merging and writing happen here, off the data path.
 pub struct Snapshotter {
-    stop: Sender<()>,
+    pub requests: Sender<SnapshotRequest>,
     thread: JoinHandle<()>,
+}
+
+/// What the snapshot thread is asked to do besides its periodic snapshot.
+pub enum SnapshotRequest {
+    /// Write a snapshot now (SIGHUP, SIGUSR1).
+    Now,
+    Stop,
 }
 
 impl Snapshotter {
@@ -82,7 +100,7 @@ impl Snapshotter {
         interval: Duration,
         counters: Arc<SnapshotCounters>,
     ) -> Result<Snapshotter, String> {
-        let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+        let (requests, requested) = crossbeam_channel::bounded(4);
         let thread = thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
@@ -91,8 +109,8 @@ impl Snapshotter {
                 if let Err(e) = socket::lower_thread_priority() {
                     log::warn!("snapshot thread keeps its priority: {e}");
                 }
-                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(interval)
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout)
+                | Ok(SnapshotRequest::Now) = requested.recv_timeout(interval)
                 {
                     let started = Instant::now();
                     let written =
@@ -114,12 +132,12 @@ impl Snapshotter {
                 }
             })
             .map_err(|e| format!("spawn snapshot thread: {e}"))?;
-        Ok(Snapshotter { stop, thread })
+        Ok(Snapshotter { requests, thread })
     }
 
     /// Stops the thread, after the snapshot in progress if there is one.
     pub fn stop(self) {
-        let _ = self.stop.send(());
+        let _ = self.requests.send(SnapshotRequest::Stop);
         let _ = self.thread.join();
     }
 }

@@ -51,12 +51,39 @@ pub struct Rcvbuf {
 }
 
 impl Rcvbuf {
+    /// The most any socket gets: the kernel clamps a request to INT_MAX / 2, since it doubles
+    /// it into an int.
+    const MOST_GRANTABLE_BYTES: usize = (libc::c_int::MAX / 2) as usize;
+
     /// The kernel gave less than asked: without CAP_NET_ADMIN it caps at net.core.rmem_max.
-    /// Any request is clamped to INT_MAX / 2 (the kernel doubles it into an int), which is
-    /// not a cap worth a warning.
+    /// The clamp to [`Self::MOST_GRANTABLE_BYTES`] alone is not such a cap.
     pub fn capped(&self) -> bool {
-        let most_grantable = (libc::c_int::MAX / 2) as usize;
-        self.granted_bytes < self.requested_bytes.min(most_grantable)
+        self.granted_bytes < self.requested_bytes.min(Self::MOST_GRANTABLE_BYTES)
+    }
+
+    /// One line to warn with when the buffer is far from what was asked, either way: capped
+    /// at net.core.rmem_max, clamped to the kernel's largest (half of what was asked or
+    /// less), or raised to the kernel's smallest (twice what was asked or more).
+    pub fn warning(&self) -> Option<String> {
+        let (granted, requested) = (self.granted_bytes, self.requested_bytes);
+        let why = if self.capped() && !self.forced {
+            format!(
+                "without CAP_NET_ADMIN the kernel caps it at net.core.rmem_max (raise it: \
+                 sysctl -w net.core.rmem_max={requested})"
+            )
+        } else if self.capped() || granted.saturating_mul(2) <= requested {
+            format!(
+                "the kernel grants at most {} bytes",
+                granted.min(Self::MOST_GRANTABLE_BYTES)
+            )
+        } else if granted > requested.saturating_mul(2) {
+            format!("the kernel's smallest is {granted} bytes")
+        } else {
+            return None;
+        };
+        Some(format!(
+            "udp receive buffer is {granted} bytes, not the {requested} asked: {why}"
+        ))
     }
 }
 
@@ -268,6 +295,24 @@ pub fn lower_thread_priority() -> io::Result<()> {
     }
 }
 
+/// CPU time the calling thread has used. It stands still while the thread waits for a CPU,
+/// which is what lets a budget of it survive contention with other processes.
+pub fn thread_cpu_time() -> io::Result<Duration> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Duration::new(
+        u64::try_from(now.tv_sec).unwrap_or(0),
+        u32::try_from(now.tv_nsec).unwrap_or(0),
+    ))
+}
+
 /// Datagrams the kernel dropped on this socket because its receive queue was full, from
 /// SO_MEMINFO. `Ok(None)` when the kernel does not report it.
 pub fn kernel_drops(socket: &impl AsRawFd) -> io::Result<Option<u64>> {
@@ -473,6 +518,42 @@ impl SendBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn warns_when_the_buffer_is_far_from_the_request() {
+        let check = |requested_bytes, granted_bytes, forced, want: Option<&str>| {
+            let rcvbuf = Rcvbuf {
+                requested_bytes,
+                granted_bytes,
+                forced,
+            };
+            let warning = rcvbuf.warning();
+            match want {
+                None => assert_eq!(warning, None, "{rcvbuf:?}"),
+                Some(reason) => assert!(
+                    warning.as_deref().is_some_and(|w| w.contains(reason)),
+                    "{rcvbuf:?}: {warning:?}"
+                ),
+            }
+        };
+        check(16 << 20, 16 << 20, true, None);
+        check(1000, 1152, true, None);
+        check(16 << 20, 4 << 20, false, Some("net.core.rmem_max"));
+        check(0, 1152, true, Some("the kernel's smallest is 1152 bytes"));
+        check(0, 1152, false, Some("the kernel's smallest"));
+        check(
+            99_999_999_999_999,
+            Rcvbuf::MOST_GRANTABLE_BYTES,
+            true,
+            Some("the kernel grants at most 1073741823 bytes"),
+        );
+        check(
+            Rcvbuf::MOST_GRANTABLE_BYTES + 1,
+            Rcvbuf::MOST_GRANTABLE_BYTES,
+            true,
+            None,
+        );
+    }
 
     #[test]
     fn steering_programs() {

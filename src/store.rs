@@ -1,12 +1,15 @@
 //! Per-worker aggregation: the [`AppTable`] each worker owns, the [`Partial`] answers it
 //! gives for one app, and the merge and classification that turn partials into a [`Verdict`].
 //!
-//! Pure data structures: no I/O, no locks, no logging. The only shared state is the
-//! [`AppBudget`], an atomic counter touched when an app entry is created or freed, never per
-//! event.
+//! Pure data structures: no I/O, no logging. The only shared state is the [`AppBudget`]: a
+//! count of distinct apps and a sharded register of who holds them, touched when a worker
+//! has no entry for an app (to create one) and when an entry is freed, never for an event of
+//! an app the worker holds.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use smallvec::SmallVec;
 
@@ -103,40 +106,126 @@ pub struct Limits {
     pub max_ips_per_app: usize,
 }
 
-/// The server-wide cap on app entries, shared by all workers.
+/// Shards of the app register: enough that workers creating entries at the same time rarely
+/// meet on one lock.
+const REGISTER_SHARDS: usize = 64;
+
+/// The server-wide cap on distinct apps, shared by all workers, and the register of which
+/// apps some worker holds an entry for.
 ///
-/// An app seen by k workers takes k entries. The counter moves only when an entry is created
-/// or freed, so it costs nothing per event for known apps.
+/// The cap counts apps, not entries: an app seen by k workers takes one unit of the budget and
+/// k entries. A worker that has no entry for an app asks the register whether another worker
+/// tracks it; if one does, the worker creates its entry whatever the budget, so that an app
+/// once tracked never loses an event to the cap, whichever worker the kernel steers it to.
+/// The register is touched only on that miss and when an entry is freed; an event for an app
+/// the worker already holds touches nothing shared.
 #[derive(Debug)]
 pub struct AppBudget {
-    max_entries: usize,
-    used: AtomicUsize,
+    max_apps: usize,
+    /// Distinct apps held by at least one worker.
+    apps: AtomicUsize,
+    /// App entries held by all workers together: an app seen by k workers counts k times.
+    entries: AtomicUsize,
+    /// For every tracked app, how many workers hold an entry for it.
+    holders: Box<[Mutex<HashMap<AppKey, u32>>]>,
+    /// Picks an app's shard; randomly keyed, since anyone can choose the shas.
+    shard_hasher: RandomState,
 }
 
 impl AppBudget {
-    pub fn new(max_entries: usize) -> AppBudget {
+    pub fn new(max_apps: usize) -> AppBudget {
         AppBudget {
-            max_entries,
-            used: AtomicUsize::new(0),
+            max_apps,
+            apps: AtomicUsize::new(0),
+            entries: AtomicUsize::new(0),
+            holders: (0..REGISTER_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+            shard_hasher: RandomState::new(),
         }
     }
 
-    /// App entries held by all workers together.
+    /// Distinct apps held by the workers together: what the cap counts.
     pub fn used(&self) -> usize {
-        self.used.load(Ordering::Relaxed)
+        self.apps.load(Ordering::Relaxed)
     }
 
-    fn try_take(&self) -> bool {
-        self.used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
-                (used < self.max_entries).then_some(used + 1)
+    /// App entries held by the workers together; an app seen by k workers counts k times.
+    pub fn entries(&self) -> usize {
+        self.entries.load(Ordering::Relaxed)
+    }
+
+    /// How many workers hold an entry for `app`. For tests and fuzzing.
+    pub fn holders(&self, app: &AppKey) -> u32 {
+        self.shard(app).get(app).copied().unwrap_or(0)
+    }
+
+    fn shard_index(&self, app: &AppKey) -> usize {
+        (self.shard_hasher.hash_one(app) as usize) % REGISTER_SHARDS
+    }
+
+    fn shard(&self, app: &AppKey) -> MutexGuard<'_, HashMap<AppKey, u32>> {
+        lock(&self.holders[self.shard_index(app)])
+    }
+
+    /// Registers one more entry for `app`: always when another worker tracks it already, else
+    /// only while fewer than `max_apps` apps are tracked. Returns false when it is refused.
+    fn join(&self, app: &AppKey) -> bool {
+        let mut shard = self.shard(app);
+        if let Some(holders) = shard.get_mut(app) {
+            *holders += 1;
+            self.entries.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        // Under the shard's lock, so that two workers cannot both create the same app.
+        let taken = self
+            .apps
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |apps| {
+                (apps < self.max_apps).then_some(apps + 1)
             })
-            .is_ok()
+            .is_ok();
+        if taken {
+            shard.insert(*app, 1);
+            self.entries.fetch_add(1, Ordering::Relaxed);
+        }
+        taken
     }
 
-    fn give_back(&self, entries: usize) {
-        self.used.fetch_sub(entries, Ordering::Relaxed);
+    /// Unregisters one entry for `app`; the app leaves the budget with its last entry.
+    fn leave(&self, app: &AppKey) {
+        let mut shard = self.shard(app);
+        self.leave_locked(&mut shard, app);
     }
+
+    /// Unregisters one entry for each of `apps`, taking every shard's lock once, in order,
+    /// rather than once per app.
+    fn leave_all<'a>(&self, apps: impl Iterator<Item = &'a AppKey>) {
+        let mut shards: Vec<_> = self.holders.iter().map(lock).collect();
+        for app in apps {
+            let index = self.shard_index(app);
+            self.leave_locked(&mut shards[index], app);
+        }
+    }
+
+    fn leave_locked(&self, shard: &mut HashMap<AppKey, u32>, app: &AppKey) {
+        let Some(holders) = shard.get_mut(app) else {
+            return;
+        };
+        *holders -= 1;
+        self.entries.fetch_sub(1, Ordering::Relaxed);
+        if *holders == 0 {
+            shard.remove(app);
+            self.apps.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Locks a shard of the register. A worker that panicked while holding it left the map
+/// consistent (each change is one insert or remove), so a poisoned lock is still used.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// What happened to one applied event.
@@ -146,7 +235,7 @@ pub enum Applied {
     Stored,
     /// Counted, but its IP is new and the app is at `max_ips_per_app`, so the IP is not kept.
     IpDropped,
-    /// Dropped whole: the app is new and the server is at its app budget.
+    /// Dropped whole: no worker tracks the app and the server is at its app budget.
     AppDropped,
 }
 
@@ -178,7 +267,7 @@ impl AppTable {
             state.ips_truncated = true;
             return Applied::IpDropped;
         }
-        if !self.budget.try_take() {
+        if !self.budget.join(&event.app) {
             return Applied::AppDropped;
         }
         let mut ips = SmallVec::new();
@@ -234,7 +323,7 @@ impl AppTable {
     /// budget is spent and the app was left out. An app already present is added to.
     pub fn restore(&mut self, record: &AppRecord) -> bool {
         let max_ips = self.limits.max_ips_per_app;
-        if !self.apps.contains_key(&record.app) && !self.budget.try_take() {
+        if !self.apps.contains_key(&record.app) && !self.budget.join(&record.app) {
             return false;
         }
         let state = self.apps.entry(record.app).or_insert_with(|| AppState {
@@ -256,7 +345,7 @@ impl AppTable {
     pub fn remove(&mut self, app: &AppKey) -> bool {
         let removed = self.apps.remove(app).is_some();
         if removed {
-            self.budget.give_back(1);
+            self.budget.leave(app);
         }
         removed
     }
@@ -271,7 +360,7 @@ impl AppTable {
     /// Every app, consuming the table; the app budget is given back at once.
     pub fn into_records(mut self) -> impl Iterator<Item = AppRecord> {
         let apps = std::mem::take(&mut self.apps);
-        self.budget.give_back(apps.len());
+        self.budget.leave_all(apps.keys());
         apps.into_iter().map(|(app, state)| AppRecord {
             app,
             partial: Partial {
@@ -284,7 +373,7 @@ impl AppTable {
 
     /// Forgets every app and returns the memory to the allocator.
     pub fn clear(&mut self) {
-        self.budget.give_back(self.apps.len());
+        self.budget.leave_all(self.apps.keys());
         self.apps = HashMap::new();
     }
 
@@ -299,7 +388,7 @@ impl AppTable {
 
     /// Checks what must hold after any sequence of events: an app's IPs are distinct and
     /// within the cap, their counts add up to the app's count unless IPs were dropped, and
-    /// the shared budget covers every entry. For tests and fuzzing.
+    /// the shared register holds every app. For tests and fuzzing.
     pub fn check_invariants(&self) -> Result<(), String> {
         if self.budget.used() < self.apps.len() {
             return Err(format!(
@@ -309,6 +398,9 @@ impl AppTable {
             ));
         }
         for (app, state) in &self.apps {
+            if self.budget.holders(app) == 0 {
+                return Err(format!("{app:?} is not in the register"));
+            }
             let mut ips = state.ips.to_vec();
             let stored = ips.len();
             if stored > self.limits.max_ips_per_app || (stored == 0 && !state.ips_truncated) {
@@ -343,7 +435,7 @@ impl AppTable {
 
 impl Drop for AppTable {
     fn drop(&mut self) {
-        self.budget.give_back(self.apps.len());
+        self.budget.leave_all(self.apps.keys());
     }
 }
 
@@ -489,6 +581,21 @@ pub fn add_capped(base: Partial, extra: Partial, max_ips: usize) -> Partial {
         ips: merged.into_iter().collect(),
         ips_truncated,
     }
+}
+
+/// Keeps at most `max_ips` of a merged partial's IPs, so that an answer merged from k workers
+/// lists no more than one worker may store: the IPs with the most events, ties to the lower
+/// address. Says `ips_truncated` when it drops any.
+pub fn cap_ips(merged: &mut Partial, max_ips: usize) {
+    if merged.ips.len() <= max_ips {
+        return;
+    }
+    merged
+        .ips
+        .sort_unstable_by_key(|&(ip, events)| (std::cmp::Reverse(events), ip));
+    merged.ips.truncate(max_ips);
+    merged.ips.sort_unstable();
+    merged.ips_truncated = true;
 }
 
 /// The /28 block (`ip >> 4`) holding the most distinct IPs; ties go to the block with more
@@ -662,6 +769,23 @@ mod tests {
     }
 
     #[test]
+    fn a_merged_answer_keeps_at_most_the_cap() {
+        let merged = |ips: Vec<(u32, u64)>| Partial {
+            events: ips.iter().map(|&(_, events)| events).sum(),
+            ips,
+            ips_truncated: false,
+        };
+        let mut under = merged(vec![(1, 1), (2, 1)]);
+        cap_ips(&mut under, 2);
+        assert_eq!(under, merged(vec![(1, 1), (2, 1)]));
+        // The busiest IPs stay, ties to the lower address, in numeric order.
+        let mut over = merged(vec![(1, 1), (2, 5), (3, 1), (4, 2), (9, 1)]);
+        cap_ips(&mut over, 3);
+        assert_eq!(over.ips, vec![(1, 1), (2, 5), (4, 2)]);
+        assert_eq!((over.events, over.ips_truncated), (10, true));
+    }
+
+    #[test]
     fn ip_cap_counts_the_event_but_not_the_ip() {
         let mut table = table(10, 2);
         let event = |ip| Event { app: app(1), ip };
@@ -699,6 +823,67 @@ mod tests {
         first.clear();
         assert_eq!(budget.used(), 0);
         assert_eq!(first.partial(&app(1)), Partial::default());
+    }
+
+    /// Issue 11: with random steering an app's next event lands on a worker that has no entry
+    /// for it yet; a flood of made-up apps must not make that worker drop it.
+    #[test]
+    fn a_tracked_app_keeps_every_event_on_every_worker() {
+        let budget = Arc::new(AppBudget::new(100));
+        let limits = Limits {
+            max_ips_per_app: 10,
+        };
+        let mut workers = [
+            AppTable::new(limits, budget.clone()),
+            AppTable::new(limits, budget.clone()),
+        ];
+        let victim = app(0xaa);
+        assert_eq!(
+            workers[0].apply(Event { app: victim, ip: 1 }),
+            Applied::Stored
+        );
+        let mut dropped = 0;
+        for n in 0..5_000u32 {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&n.to_le_bytes());
+            let spoofed = Event {
+                app: AppKey(key),
+                ip: 1,
+            };
+            if workers[n as usize % 2].apply(spoofed) == Applied::AppDropped {
+                dropped += 1;
+            }
+        }
+        assert_eq!(budget.used(), 100, "the cap counts distinct apps");
+        assert_eq!(dropped, 5_000 - 99);
+        for n in 0..100 {
+            assert_eq!(
+                workers[n % 2].apply(Event { app: victim, ip: 2 }),
+                Applied::Stored
+            );
+        }
+        let merged = merge_partials(workers.iter().map(|w| w.partial(&victim)));
+        assert_eq!(merged.events, 101);
+        assert_eq!(budget.holders(&victim), 2);
+        assert_eq!(
+            budget.used(),
+            100,
+            "a second entry for a tracked app is free"
+        );
+        assert_eq!(budget.entries(), 101);
+        for worker in &workers {
+            assert_eq!(worker.check_invariants(), Ok(()));
+        }
+        // The app leaves the budget with its last entry only.
+        assert!(workers[0].remove(&victim));
+        assert_eq!((budget.used(), budget.holders(&victim)), (100, 1));
+        workers[1].clear();
+        assert_eq!(budget.holders(&victim), 0);
+        assert!(budget.used() < 100);
+        let [first, second] = workers;
+        drop(first);
+        drop(second);
+        assert_eq!((budget.used(), budget.entries()), (0, 0));
     }
 
     #[test]

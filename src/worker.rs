@@ -25,9 +25,11 @@ use crate::wire::{self, AppKey, Event, Reject};
 const UDP: Token = Token(0);
 const WAKER: Token = Token(1);
 
-/// How long a command may spend draining the socket before it is answered. A query counts
-/// everything that was queued when it arrived unless the worker is flooded beyond what it can
-/// take, and then the bound keeps a flood from starving queries and resets.
+/// How much of its own CPU time a worker may spend draining the socket before it answers a
+/// command. A query counts everything that was queued when it arrived unless the worker is
+/// flooded beyond what it can take, and then the bound keeps a flood from starving queries
+/// and resets. It is CPU time, not wall-clock time, so that a worker preempted by other
+/// processes keeps its budget and still reads its whole queue.
 pub const DRAIN_LIMIT: Duration = Duration::from_millis(200);
 
 /// A request to a worker. Each carries the sender its answer goes back on.
@@ -375,11 +377,12 @@ impl Worker {
         }
     }
 
-    /// Receives and applies batches until the socket is empty or [`DRAIN_LIMIT`] has passed.
+    /// Receives and applies batches until the socket is empty or this thread has spent
+    /// [`DRAIN_LIMIT`] of CPU time on it.
     fn drain(&mut self) {
-        let deadline = Instant::now() + DRAIN_LIMIT;
+        let budget = DrainBudget::start();
         self.readable = true;
-        while self.readable && Instant::now() < deadline {
+        while self.readable && budget.left() {
             self.receive_batch();
         }
     }
@@ -402,6 +405,9 @@ impl Worker {
                 return;
             }
         };
+        // Tests slow every batch down here (`delay` spins, using CPU time) to flood a worker
+        // beyond what it can take.
+        fail::fail_point!("worker::batch");
         let mut tally = Tally {
             received: received as u64,
             ..Tally::default()
@@ -436,6 +442,33 @@ impl Worker {
             self.last_error_log = Some(now);
             log::error!("worker {}: recvmmsg: {error}", self.id);
         }
+    }
+}
+
+/// [`DRAIN_LIMIT`] of the worker's own CPU time, measured from when a drain starts; wall-clock
+/// time where the thread's CPU clock cannot be read.
+enum DrainBudget {
+    CpuTime(Duration),
+    WallClock(Instant),
+}
+
+impl DrainBudget {
+    fn start() -> DrainBudget {
+        match socket::thread_cpu_time() {
+            Ok(now) => DrainBudget::CpuTime(now),
+            Err(_) => DrainBudget::WallClock(Instant::now()),
+        }
+    }
+
+    fn left(&self) -> bool {
+        let spent = match self {
+            DrainBudget::CpuTime(started) => match socket::thread_cpu_time() {
+                Ok(now) => now.saturating_sub(*started),
+                Err(_) => DRAIN_LIMIT,
+            },
+            DrainBudget::WallClock(started) => started.elapsed(),
+        };
+        spent < DRAIN_LIMIT
     }
 }
 

@@ -34,9 +34,8 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
 const WORKERS: usize = 2;
-/// App entries for the whole server: an app posted to both workers takes two, so a few apps
-/// reach the cap (507) within one input.
-const MAX_APP_ENTRIES: usize = 6;
+/// Distinct apps for the whole server: few, so that an input reaches the cap (507).
+const MAX_APPS: usize = 6;
 /// Distinct IPs one worker keeps for one app: small, so that `ips_truncated` shows up.
 const MAX_IPS_PER_APP: usize = 4;
 /// Generous, so that a busy machine does not turn into 503s; a 503 is allowed all the same.
@@ -66,7 +65,7 @@ impl Harness {
         let addr = "127.0.0.1:0".parse().expect("a socket address");
         let (sockets, _) = ipevents::socket::bind_reuseport_group(addr, WORKERS, 1 << 20)
             .expect("bind the worker sockets");
-        let budget = Arc::new(AppBudget::new(MAX_APP_ENTRIES));
+        let budget = Arc::new(AppBudget::new(MAX_APPS));
         let limits = Limits {
             max_ips_per_app: MAX_IPS_PER_APP,
         };
@@ -161,11 +160,13 @@ impl Harness {
             _ => {}
         }
         if matches!(status, 204 | 200) && matches!(method, "POST" | "DELETE") {
+            // The scheme is case-insensitive (RFC 7235).
             let token = request
                 .authorization
                 .as_deref()
-                .and_then(|value| value.strip_prefix("Bearer "))
-                .map(str::trim);
+                .and_then(|value| value.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Bearer"))
+                .map(|(_, token)| token.trim());
             assert_eq!(
                 token,
                 Some(ADMIN_TOKEN),

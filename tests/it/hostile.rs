@@ -273,18 +273,24 @@ fn spoofed_floods_hit_the_caps_and_earlier_apps_stay_exact() {
         ipevents::wire::encode(&sha, i64::from(rng.random::<u32>()))
     });
     let metrics = server.get("/metrics").text();
-    let tracked = support::metric(&metrics, "ipevents_apps_tracked");
+    let tracked = support::metric(&metrics, "ipevents_apps_distinct");
     let dropped = labelled_metric(
         &metrics,
         "ipevents_events_dropped_total",
         "cause=\"max_apps\"",
     )
     .unwrap();
-    let max_entries = 2 * max_apps; // room for max_apps apps on each of the two workers
-    assert_eq!(tracked, max_entries, "the app cap holds");
-    // Every flood event either took one of the entries left or was dropped and counted.
-    let entries_before: u64 = 3 * 2; // three apps, spread over two workers
-    assert_eq!(dropped, apps_flood as u64 - (max_entries - entries_before));
+    assert_eq!(tracked, max_apps, "the app cap holds");
+    // Every flood event either took one of the apps left or was dropped and counted.
+    let apps_before: u64 = 3;
+    assert_eq!(dropped, apps_flood as u64 - (max_apps - apps_before));
+    // Each flood app was sent once, so it holds one entry; the three earlier apps may hold
+    // one on each worker.
+    let max_entries = support::metric(&metrics, "ipevents_apps_tracked");
+    assert!(
+        (max_apps..=max_apps + apps_before).contains(&max_entries),
+        "{max_entries} app entries"
+    );
 
     let grown = resident_bytes(&server).saturating_sub(baseline_bytes);
     eprintln!(
@@ -316,8 +322,10 @@ fn spoofed_floods_hit_the_caps_and_earlier_apps_stay_exact() {
     assert_eq!(answer["ips_truncated"], true);
     let good = answer["good_ips"].as_array().unwrap().len();
     let bad = answer["bad_ips"].as_array().unwrap().len();
+    // Each worker stores 1024 IPs, 2048 in all, but the merged answer lists at most the cap
+    // (issue 11: it listed workers × cap).
     assert!(
-        good == 14 && bad <= 2 * 1024,
+        good == 14 && bad > 1000 && bad <= 1024,
         "{good} good and {bad} bad ips"
     );
     let not_stored = server.metric("ipevents_ips_not_stored_total");

@@ -54,7 +54,7 @@ fn operator_mistakes_get_one_line_and_a_failing_exit() {
     let http_taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let udp = udp_taken.local_addr().unwrap().to_string();
     let http = http_taken.local_addr().unwrap().to_string();
-    // A state path that cannot be read (a directory), and one whose directory does not exist.
+    // A state path that is not a file (a directory), and one whose directory does not exist.
     let state_dir =
         std::env::temp_dir().join(format!("ipevents-it-{}-unreadable", std::process::id()));
     std::fs::create_dir_all(&state_dir).unwrap();
@@ -64,7 +64,7 @@ fn operator_mistakes_get_one_line_and_a_failing_exit() {
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             [&loopback[..], &["--state", &unreadable]].concat(),
-            "cannot read it",
+            "it is a directory, not a regular file",
         ),
         (
             [&loopback[..], &["--state", &nowhere]].concat(),

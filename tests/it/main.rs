@@ -4,6 +4,7 @@
 mod abuse;
 mod api;
 mod cluster_mode;
+mod hardening;
 mod hostile;
 mod ingest;
 mod layout;

@@ -9,17 +9,17 @@ use std::time::{Duration, Instant};
 use crate::support::{self, run_to_exit, send_events, Reference, Server, DEADLINE};
 
 /// A fresh directory for one test's state file, removed when dropped.
-struct StateDir(PathBuf);
+pub struct StateDir(pub PathBuf);
 
 impl StateDir {
-    fn new(name: &str) -> StateDir {
+    pub fn new(name: &str) -> StateDir {
         let dir = std::env::temp_dir().join(format!("ipevents-it-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         StateDir(dir)
     }
 
-    fn file(&self) -> String {
+    pub fn file(&self) -> String {
         self.0.join("state").to_str().unwrap().to_owned()
     }
 }

@@ -21,10 +21,15 @@ pub struct Server {
     child: Option<Child>,
     pub udp: SocketAddr,
     pub http: SocketAddr,
-    /// What the server logged before its "listening" line, and that line.
-    pub startup_log: String,
+    /// The server's "listening" line, with its bound addresses and settings.
     pub listening: String,
+    /// What the server printed to stderr before that line (warnings, restore notes).
+    pub startup: Vec<String>,
+    /// The same lines as one text, a line each.
+    pub startup_log: String,
     stderr: mpsc::Receiver<String>,
+    /// Lines read from stderr while waiting for another.
+    seen: Vec<String>,
     stdout: Option<thread::JoinHandle<String>>,
 }
 
@@ -70,35 +75,40 @@ impl Server {
             child: Some(child),
             udp: "0.0.0.0:0".parse().unwrap(),
             http: "0.0.0.0:0".parse().unwrap(),
-            startup_log: String::new(),
             listening: String::new(),
+            startup: Vec::new(),
+            startup_log: String::new(),
             stderr,
+            seen: Vec::new(),
             stdout: Some(stdout),
         };
         let line = server
             .wait_for_line("ipevents: listening")
             .unwrap_or_else(|seen| panic!("server did not start; it said: {seen}"));
+        server.startup = server.seen.drain(..).collect();
+        server.startup_log = server
+            .startup
+            .iter()
+            .map(|line| format!("{line}\n"))
+            .collect();
         server.udp = field(&line, "udp=").parse().unwrap();
         server.http = field(&line, "http=").parse().unwrap();
         server.listening = line;
         server
     }
 
-    /// Waits for a stderr line containing `needle`, keeping the lines before it in
-    /// `startup_log`; on failure returns what it saw.
-    fn wait_for_line(&mut self, needle: &str) -> Result<String, String> {
+    /// Waits for a stderr line containing `needle`; on failure returns what it saw.
+    pub fn wait_for_line(&mut self, needle: &str) -> Result<String, String> {
         let deadline = Instant::now() + DEADLINE;
+        let first = self.seen.len();
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.stderr.recv_timeout(left) {
                 Ok(line) if line.contains(needle) => return Ok(line),
-                Ok(line) => {
-                    self.startup_log.push_str(&line);
-                    self.startup_log.push('\n');
-                }
+                Ok(line) => self.seen.push(line),
                 Err(_) => break,
             }
         }
-        Err(self.startup_log.clone())
+        Err(self.seen[first..].join("\n"))
     }
 
     pub fn pid(&self) -> u32 {
@@ -201,18 +211,42 @@ pub fn run_to_exit(args: &[&str]) -> Exit {
     run_to_exit_with_env(args, &[])
 }
 
-/// Like [`run_to_exit`], with extra environment variables.
+/// Like [`run_to_exit`], with extra environment variables. A server that has not exited
+/// within [`DEADLINE`] is killed by its PID and fails the test.
 pub fn run_to_exit_with_env(args: &[&str], env: &[(&str, &str)]) -> Exit {
-    let output = Command::new(env!("CARGO_BIN_EXE_ipevents"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ipevents"))
         .args(args)
         .envs(env.iter().copied())
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run the server binary");
+    let read_all = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    };
+    let stdout = read_all(Box::new(child.stdout.take().unwrap()));
+    let stderr = read_all(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} did not exit within {DEADLINE:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
     Exit {
-        status: output.status,
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
     }
 }
 
@@ -229,6 +263,7 @@ fn forward_lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     rx
 }
 
+/// The value of `key=value` in a log line.
 pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
     line.split_whitespace()
         .find_map(|word| word.strip_prefix(key))
