@@ -407,6 +407,7 @@ impl Worker {
         };
         // Tests slow every batch down here (`delay` spins, using CPU time) to flood a worker
         // beyond what it can take.
+        #[cfg(feature = "failpoints")]
         fail::fail_point!("worker::batch");
         let mut tally = Tally {
             received: received as u64,
