@@ -6,6 +6,7 @@
 //! has no entry for an app (to create one) and when an entry is freed, never for an event of
 //! an app the worker holds.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -453,25 +454,33 @@ impl Deltas {
     pub fn add_table(&mut self, table: AppTable, max_pairs: usize) -> u64 {
         let mut dropped_events = 0u64;
         for record in table.into_records() {
-            let existing = self.apps.get(&record.app);
-            let new_pairs = match existing {
-                None => record.partial.ips.len(),
-                Some(existing) => record
-                    .partial
-                    .ips
-                    .iter()
-                    .filter(|(ip, _)| existing.ips.binary_search_by_key(ip, |&(i, _)| i).is_err())
-                    .count(),
-            };
-            if self.pairs + new_pairs > max_pairs {
-                dropped_events = dropped_events.saturating_add(record.partial.events);
-                continue;
-            }
-            self.pairs += new_pairs;
-            let slot = self.apps.entry(record.app).or_default();
             let mut partial = record.partial;
             partial.ips.sort_unstable();
-            *slot = merge_partials([std::mem::take(slot), partial]);
+            // The flusher adds tables under the lock that queries take, so this stays a
+            // linear walk: a new app moves in whole, a known one merges two sorted lists.
+            match self.apps.entry(record.app) {
+                Entry::Vacant(slot) => {
+                    if self.pairs + partial.ips.len() > max_pairs {
+                        dropped_events = dropped_events.saturating_add(partial.events);
+                        continue;
+                    }
+                    self.pairs += partial.ips.len();
+                    slot.insert(partial);
+                }
+                Entry::Occupied(mut slot) => {
+                    let existing = slot.get_mut();
+                    let merged = merge_sorted(&existing.ips, &partial.ips);
+                    let new_pairs = merged.len() - existing.ips.len();
+                    if self.pairs + new_pairs > max_pairs {
+                        dropped_events = dropped_events.saturating_add(partial.events);
+                        continue;
+                    }
+                    self.pairs += new_pairs;
+                    existing.ips = merged;
+                    existing.events = existing.events.saturating_add(partial.events);
+                    existing.ips_truncated |= partial.ips_truncated;
+                }
+            }
         }
         dropped_events
     }
@@ -536,6 +545,32 @@ pub struct Verdict {
     pub bad_ips: Vec<u32>,
     /// Some IPs were not stored because the app reached `max_ips_per_app` on a worker.
     pub ips_truncated: bool,
+}
+
+/// Two lists of (ip, events) in ascending order of IP, added up into one.
+fn merge_sorted(a: &[(u32, u64)], b: &[(u32, u64)]) -> Vec<(u32, u64)> {
+    let mut merged = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].0.cmp(&b[j].0) {
+            std::cmp::Ordering::Less => {
+                merged.push(a[i]);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                merged.push(b[j]);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                merged.push((a[i].0, a[i].1.saturating_add(b[j].1)));
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    merged.extend_from_slice(&a[i..]);
+    merged.extend_from_slice(&b[j..]);
+    merged
 }
 
 /// Adds up the partial answers of all workers. The sum is commutative, so the result does not

@@ -6,6 +6,7 @@ Run them with `PYTHONDONTWRITEBYTECODE=1 python3 -m unittest discover -s tools/b
 import unittest
 import xml.etree.ElementTree as ElementTree
 
+import cluster
 import steps
 import report
 from plot import hand_drawn_svg
@@ -61,6 +62,28 @@ class Parsing(unittest.TestCase):
         match = LISTENING.search(line)
         self.assertEqual((match["udp"], match["http"], match["rcvbuf"]),
                          ("127.0.0.1:40000", "127.0.0.1:40001", "16777216"))
+
+
+class ClusterStep(unittest.TestCase):
+    def test_samples_sum_over_labels(self):
+        text = "\n".join([
+            "# HELP ipevents_store_flush_errors_total x",
+            "# TYPE ipevents_store_flush_errors_total counter",
+            'ipevents_store_flush_errors_total{kind="timeout"} 2',
+            'ipevents_store_flush_errors_total{kind="cluster"} 3',
+            "ipevents_store_pending_pairs 0",
+            'ipevents_store_round_trip_seconds{quantile="0.5"} 0.000250000',
+        ])
+        totals = cluster.samples(text)
+        self.assertEqual(totals["ipevents_store_flush_errors_total"], 5)
+        self.assertEqual(totals["ipevents_store_pending_pairs"], 0)
+        self.assertAlmostEqual(totals["ipevents_store_round_trip_seconds"], 0.00025)
+
+    def test_cluster_flags_name_every_seed(self):
+        class Fake:
+            seeds = "redis://127.0.0.1:1,redis://127.0.0.1:2"
+        self.assertEqual(cluster.cluster_flags(Fake(), "p"),
+                         ("--redis-cluster", Fake.seeds, "--redis-prefix", "p"))
 
 
 class Figures(unittest.TestCase):
