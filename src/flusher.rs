@@ -8,7 +8,7 @@
 //! [`Node::pending`], orders the moves between those places with the queries: the flusher
 //! takes tables and retires flushes under it; a query reads the workers, the pending deltas
 //! and the store under it. The write to the store happens outside the lock, so a query tells
-//! whether `sent` already reached the store by the flush seq the store keeps per app and node.
+//! whether `sent` already reached the store by the flush seq the store keeps per slot and node.
 //! The workers never take the lock, and nothing here runs per datagram.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -551,7 +551,7 @@ impl Flusher {
     }
 
     /// The last flush, at shutdown: the workers' final tables and everything pending, retried
-    /// until written or `--shutdown` time runs out. Returns the pairs written, or what was
+    /// until written or the shutdown flush limit runs out; the error says how many pairs were
     /// left unwritten.
     pub fn finish(mut self, tables: Vec<AppTable>) -> Result<(), String> {
         let deadline = Instant::now() + self.node.settings.shutdown_flush_limit;

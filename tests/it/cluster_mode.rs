@@ -123,6 +123,7 @@ fn split_traffic_is_exact_on_every_node() {
     let metrics = a.get("/metrics").text();
     assert_eq!(crate::support::metric(&metrics, "ipevents_store_up"), 1);
     assert!(crate::support::metric(&metrics, "ipevents_store_flushes_total") > 0);
+    check_with_promtool(&metrics);
     assert!(crate::support::metric(&metrics, "ipevents_store_pairs_flushed_total") > 0);
     assert_eq!(a.get("/healthz").status, 200);
     let exit = a.stop();
@@ -550,6 +551,35 @@ fn sigterm_flushes_everything_pending() {
         let answer = watcher.answer(&reference.apps[*app]);
         check_reference_answer(&reference, sent, &answer);
     }
+}
+
+/// Runs `promtool check metrics` (Debian's prometheus package) on cluster mode's `/metrics`;
+/// CI installs it, and without it the check prints one line and is skipped.
+fn check_with_promtool(metrics: &str) {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let Ok(mut child) = child else {
+        println!("promtool check skipped: install the prometheus package to run it");
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// A port with nothing listening on it.
