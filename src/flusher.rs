@@ -520,19 +520,12 @@ impl Flusher {
                 pending.retire(flush.seq);
                 self.node.publish(&pending);
                 drop(pending);
-                counters.flushes.fetch_add(1, Ordering::Relaxed);
-                counters
-                    .apps_flushed
-                    .fetch_add(outcome.apps, Ordering::Relaxed);
-                counters
-                    .pairs_flushed
-                    .fetch_add(outcome.pairs, Ordering::Relaxed);
-                counters
-                    .duplicate_apps
-                    .fetch_add(outcome.duplicate_apps, Ordering::Relaxed);
-                counters
-                    .stale_apps
-                    .fetch_add(outcome.stale_apps, Ordering::Relaxed);
+                let add = |counter: &AtomicU64, n: u64| counter.fetch_add(n, Ordering::Relaxed);
+                add(&counters.flushes, 1);
+                add(&counters.apps_flushed, outcome.apps);
+                add(&counters.pairs_flushed, outcome.pairs);
+                add(&counters.duplicate_apps, outcome.duplicate_apps);
+                add(&counters.stale_apps, outcome.stale_apps);
                 counters.store_up.store(true, Ordering::Relaxed);
                 Ok(())
             }

@@ -294,4 +294,3 @@ if __name__ == "__main__":
         sys.exit(130)
     finally:
         stop_all()
-        cluster.stop_all_redis()

@@ -20,11 +20,8 @@ import tempfile
 import time
 
 import report as fmt
-from receiver import BenchError
+from receiver import BenchError, terminate, track
 from steps import CAPACITY_RCVBUF_BYTES, LOADGEN_MAX_S, capacity_row, log
-
-# Every redis-server started and not yet stopped, for `stop_all_redis`.
-_LIVE = set()
 
 REDIS_START_TIMEOUT_S = 20
 
@@ -76,7 +73,7 @@ class RedisCluster:
                  "--dir", self.dir, "--save", "", "--appendonly", "no",
                  "--logfile", str(self.log_dir / f"redis-{port}.log")],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            _LIVE.add(process)
+            track(process)
             self.processes.append(process)
         self._wait(lambda port: (_cli(port, "PING") or "").strip() == "PONG", "answer PING")
         subprocess.run(["redis-cli", "--cluster", "create",
@@ -89,7 +86,7 @@ class RedisCluster:
 
     def __exit__(self, *_):
         for process in self.processes:
-            _stop(process)
+            terminate(process)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _wait(self, check, what):
@@ -119,25 +116,6 @@ class RedisCluster:
     def flush_all(self):
         for port in self.ports:
             _cli(port, "FLUSHALL")
-
-
-def _stop(process):
-    try:
-        process.send_signal(signal.SIGCONT)
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
-    finally:
-        _LIVE.discard(process)
-
-
-def stop_all_redis():
-    for process in list(_LIVE):
-        if process.poll() is None:
-            _stop(process)
-        _LIVE.discard(process)
 
 
 def _process_cpu_s(pid, thread=None):

@@ -217,7 +217,7 @@ class Receiver:
         if process is None or process.poll() is not None:
             _LIVE.discard(process)
             return
-        _terminate(process)
+        terminate(process)
 
     def exited_cleanly(self):
         return self.process is not None and self.process.returncode == 0
@@ -295,7 +295,8 @@ class Receiver:
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
 
 
-def _terminate(process):
+def terminate(process):
+    """Continues, stops and reaps a process this benchmark started (SIGTERM, then SIGKILL)."""
     try:
         process.send_signal(signal.SIGCONT)
         process.send_signal(signal.SIGTERM)
@@ -307,9 +308,14 @@ def _terminate(process):
         _LIVE.discard(process)
 
 
+def track(process):
+    """Records a process this benchmark started, so that `stop_all` ends it whatever happens."""
+    _LIVE.add(process)
+
+
 def stop_all():
     """Stops every receiver still running; for the benchmark's last `finally`."""
     for process in list(_LIVE):
         if process.poll() is None:
-            _terminate(process)
+            terminate(process)
         _LIVE.discard(process)
