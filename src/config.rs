@@ -285,6 +285,7 @@ impl Config {
             max_pending_pairs: usize::try_from(self.max_pending_pairs).unwrap_or(usize::MAX),
             max_ips_per_app: usize::try_from(self.max_ips_per_app).unwrap_or(usize::MAX),
             shutdown_flush_limit: Duration::from_secs(10),
+            reset_ack_limit: self.reply_timeout(),
         }
     }
 }

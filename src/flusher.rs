@@ -42,6 +42,8 @@ pub struct NodeSettings {
     pub max_ips_per_app: usize,
     /// How long the flush at shutdown may keep trying.
     pub shutdown_flush_limit: Duration,
+    /// How long a reset waits for every live node to acknowledge it (`--reply-timeout-ms`).
+    pub reset_ack_limit: Duration,
 }
 
 /// One write to the store: what the flusher took, numbered, with the reset state it was
@@ -160,6 +162,8 @@ pub struct StoreCounters {
     pub pending_pairs: AtomicU64,
     /// Events dropped because the pending deltas were at `--max-pending-pairs`.
     pub backlog_drops: AtomicU64,
+    /// Resets answered before every live node had acknowledged them.
+    pub unacknowledged_resets: AtomicU64,
     pub store_up: AtomicBool,
     /// Round trips to the store of queries and resets.
     pub round_trip_ns: Mutex<Histogram<u64>>,
@@ -179,6 +183,7 @@ impl Default for StoreCounters {
             stale_apps: AtomicU64::new(0),
             pending_pairs: AtomicU64::new(0),
             backlog_drops: AtomicU64::new(0),
+            unacknowledged_resets: AtomicU64::new(0),
             store_up: AtomicBool::new(true),
             round_trip_ns: Mutex::new(new_histogram()),
             flush_ns: Mutex::new(new_histogram()),
@@ -231,6 +236,10 @@ impl Node {
     }
 }
 
+fn as_millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing here panics with the lock held except on a bug; the data stays consistent
     // enough to report and flush.
@@ -259,6 +268,10 @@ pub fn connect(settings: &StoreSettings, node: NodeSettings) -> Result<Connected
         .next_incarnation()
         .map_err(|e| e.message.clone())?;
     let (epoch, resets_seen) = view_store.position().map_err(|e| e.message.clone())?;
+    // From now on a reset anywhere waits for this node too.
+    view_store
+        .acknowledge(epoch, resets_seen, as_millis(node.flush_interval))
+        .map_err(|e| e.message.clone())?;
     let pending = Pending {
         epoch,
         resets_seen,
@@ -349,7 +362,9 @@ impl StoreView {
         };
         pending.catch_up(&changes, workers)?;
         node.publish(&pending);
+        drop(pending);
         let _ = self.janitor.send(epoch);
+        self.wait_for_acknowledgements(epoch, ResetId::default());
         Ok(())
     }
 
@@ -359,13 +374,50 @@ impl StoreView {
         let node = self.node.clone();
         let mut pending = node.lock();
         let epoch = pending.epoch;
-        self.request(|store| store.reset_app(epoch, &app))?;
+        let id = self.request(|store| store.reset_app(epoch, &app))?;
         // Read this reset back with any before it, so that the workers forget the app now and
         // not again at the next flush, which would lose events sent after the answer.
         let (changes, _) = self.request(|store| store.read(pending.resets_seen, epoch, None))?;
         pending.catch_up(&changes, workers)?;
         node.publish(&pending);
+        drop(pending);
+        self.wait_for_acknowledgements(epoch, id);
         Ok(())
+    }
+
+    /// Waits until every live node has applied the reset that made `epoch` and `reset`, so
+    /// that events sent to any node after the answer count; at most `--reply-timeout-ms`. A
+    /// node applies resets at the start of each flush, so this takes up to one of its flush
+    /// intervals. Past the limit the reset stands anyway (it is in the store, and the slow
+    /// node applies it when it can); the answer does not wait longer, and the miss is counted.
+    fn wait_for_acknowledgements(&mut self, epoch: u64, reset: ResetId) {
+        let deadline = Instant::now() + self.node.settings.reset_ack_limit;
+        loop {
+            let waiting = match self.request(RedisStore::acknowledgements) {
+                Ok((now_ms, acks)) => acks
+                    .iter()
+                    .filter(|ack| ack.live(now_ms) && !ack.has_applied(epoch, reset))
+                    .map(|ack| ack.node.clone())
+                    .collect::<Vec<_>>(),
+                Err(_) => vec!["the store".to_owned()],
+            };
+            if waiting.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                self.node
+                    .counters
+                    .unacknowledged_resets
+                    .fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "a reset was answered before {} acknowledged it within {} ms",
+                    waiting.join(", "),
+                    self.node.settings.reset_ack_limit.as_millis()
+                );
+                return;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
     }
 
     fn request<T>(
@@ -458,10 +510,19 @@ impl Flusher {
         match self.store.read(seen, epoch, None) {
             Ok((changes, _)) => {
                 node.counters.store_up.store(true, Ordering::Relaxed);
-                let mut pending = node.lock();
-                if let Err(e) = pending.catch_up(&changes, &self.workers) {
-                    log::warn!("flusher: applying a reset: {e}");
-                    return;
+                let (epoch, resets_seen) = {
+                    let mut pending = node.lock();
+                    if let Err(e) = pending.catch_up(&changes, &self.workers) {
+                        log::warn!("flusher: applying a reset: {e}");
+                        return;
+                    }
+                    (pending.epoch, pending.resets_seen)
+                };
+                // Once a reset is applied here, a node waiting for it may answer: events sent
+                // to this node from now on count.
+                let interval_ms = as_millis(node.settings.flush_interval);
+                if let Err(e) = self.store.acknowledge(epoch, resets_seen, interval_ms) {
+                    self.failed(&e);
                 }
             }
             Err(e) => self.failed(&e),
@@ -556,6 +617,9 @@ impl Flusher {
         loop {
             let flush = node.lock().next_flush();
             let Some(flush) = flush else {
+                if let Err(e) = self.store.leave() {
+                    log::warn!("leaving the store's list of nodes: {e}");
+                }
                 return Ok(());
             };
             if self.write(&flush).is_err() {
@@ -652,7 +716,7 @@ impl metrics::Source for StoreMetrics {
             "kind",
             StoreErrorKind::ALL.map(|k| (k.as_str(), get(&counters.request_errors[k.index()]))),
         );
-        let rows: [(&str, &str, &str, u64); 6] = [
+        let rows: [(&str, &str, &str, u64); 7] = [
             ("store_apps_flushed_total", "counter", "App deltas written to the store.",
              get(&counters.apps_flushed)),
             ("store_pairs_flushed_total", "counter", "(app, ip) deltas written to the store.",
@@ -666,6 +730,9 @@ impl metrics::Source for StoreMetrics {
             ("store_pending_pairs", "gauge",
              "(app, ip) deltas taken from the workers and not yet in the store.",
              get(&counters.pending_pairs)),
+            ("store_unacknowledged_resets_total", "counter",
+             "Resets answered before every live node acknowledged them within --reply-timeout-ms.",
+             get(&counters.unacknowledged_resets)),
             ("store_up", "gauge",
              "Whether the store answered this node's last request (1) or not (0).",
              u64::from(counters.store_up.load(Ordering::Relaxed))),

@@ -10,6 +10,8 @@
 //! - `P:epoch`: the reset epoch, a counter that `DELETE /events` increments.
 //! - `P:resets`: a stream of per-app resets (`DELETE /events/{sha}`), capped in length.
 //! - `P:node:ID:incarnation`: a counter each start of node `ID` increments.
+//! - `P:nodes`: hash of node id to what it last acknowledged (epoch, newest reset, when by the
+//!   store's clock, its flush interval), so that a reset can wait for every live node.
 //! - `P:eE:{SHA}:ips`: hash of IP (4 bytes, big-endian) to events.
 //! - `P:eE:{SHA}:meta`: hash of `n` (events), `t` (IPs were dropped at the cap) and `r` (the
 //!   reset that last cleared the app).
@@ -96,8 +98,18 @@ local function reset_app(keys, args)
   return 1
 end
 
+-- keys: the nodes hash. args: node, epoch, newest reset applied, flush interval in ms.
+-- Records what the node has applied, stamped with the server's clock; returns that time in ms.
+local function acknowledge(keys, args)
+  local time = redis.call('TIME')
+  local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  redis.call('HSET', keys[1], args[1], args[2] .. '|' .. args[3] .. '|' .. now_ms .. '|' .. args[4])
+  return now_ms
+end
+
 redis.register_function('ipevents_apply_v1', apply)
 redis.register_function('ipevents_reset_app_v1', reset_app)
+redis.register_function('ipevents_acknowledge_v1', acknowledge)
 "#;
 
 /// How many (app, ip) pairs one round of a flush carries at most (one slot's apps are never
@@ -172,6 +184,42 @@ impl StoredApp {
     /// Whether this node's flush `seq` is already counted in the app.
     pub fn includes(&self, seq: FlushSeq) -> bool {
         self.applied.as_deref() >= Some(seq.padded().as_str())
+    }
+}
+
+/// What one node last told the others it has applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeAck {
+    pub node: String,
+    pub epoch: u64,
+    pub resets_seen: ResetId,
+    /// When it said so, by the store's clock.
+    pub at_ms: u64,
+    pub flush_interval_ms: u64,
+}
+
+impl NodeAck {
+    fn parse(node: String, value: &str) -> Option<NodeAck> {
+        let mut fields = value.split('|');
+        let ack = NodeAck {
+            node,
+            epoch: fields.next()?.parse().ok()?,
+            resets_seen: ResetId::parse(fields.next()?)?,
+            at_ms: fields.next()?.parse().ok()?,
+            flush_interval_ms: fields.next()?.parse().ok()?,
+        };
+        Some(ack)
+    }
+
+    /// Whether the node still flushes: it acknowledges at every flush, so one that has not for
+    /// three of its intervals and a second is taken for gone.
+    pub fn live(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.at_ms) <= 3 * self.flush_interval_ms + 1000
+    }
+
+    /// Whether the node has applied the reset that made `epoch` and `reset`.
+    pub fn has_applied(&self, epoch: u64, reset: ResetId) -> bool {
+        self.epoch > epoch || (self.epoch == epoch && self.resets_seen >= reset)
     }
 }
 
@@ -350,6 +398,10 @@ impl Keys {
     /// The key of node `node`'s last flush applied to `slot`.
     fn seq(&self, slot: u16, node: &str) -> String {
         format!("{}:seq:{{{}}}:{node}", self.prefix, slot_tag(slot))
+    }
+
+    fn nodes(&self) -> String {
+        format!("{}:nodes", self.prefix)
     }
 
     fn probe(&self, node: &str) -> String {
@@ -1004,6 +1056,66 @@ impl RedisStore {
             }
         }
         Ok(outcome)
+    }
+
+    /// Tells the other nodes what this node has applied: the epoch it counts in and the newest
+    /// per-app reset, with its flush interval, so that a reset can wait for every live node.
+    pub fn acknowledge(
+        &mut self,
+        epoch: u64,
+        resets_seen: ResetId,
+        flush_interval_ms: u64,
+    ) -> Result<(), StoreError> {
+        let nodes = self.keys.nodes();
+        let mut command = redis::cmd("FCALL");
+        command
+            .arg("ipevents_acknowledge_v1")
+            .arg(1)
+            .arg(&nodes)
+            .arg(&self.settings.node_id)
+            .arg(epoch)
+            .arg(resets_seen.to_string())
+            .arg(flush_interval_ms);
+        self.one::<i64>("acknowledge", &nodes, command).map(drop)
+    }
+
+    /// Takes this node out of the acknowledgements, at a graceful stop, so that no reset
+    /// waits for it.
+    pub fn leave(&mut self) -> Result<(), StoreError> {
+        let nodes = self.keys.nodes();
+        let mut command = redis::cmd("HDEL");
+        command.arg(&nodes).arg(&self.settings.node_id);
+        self.one::<i64>("leave", &nodes, command).map(drop)
+    }
+
+    /// Every node's last acknowledgement, and the store's clock, in ms; this node left out.
+    pub fn acknowledgements(&mut self) -> Result<(u64, Vec<NodeAck>), StoreError> {
+        let nodes = self.keys.nodes();
+        let slot = slot_of(nodes.as_bytes());
+        let mut all = redis::cmd("HGETALL");
+        all.arg(&nodes);
+        let mut replies = self
+            .batch(
+                "read acknowledgements",
+                &[(slot, redis::cmd("TIME")), (slot, all)],
+            )?
+            .into_iter();
+        let fail = |e: RedisError| StoreError::from_redis("read acknowledgements", &e);
+        let time: (u64, u64) = decode(
+            "read acknowledgements",
+            replies.next().expect("two replies").map_err(fail)?,
+        )?;
+        let entries: Vec<(String, String)> = decode(
+            "read acknowledgements",
+            replies.next().expect("two replies").map_err(fail)?,
+        )?;
+        let now_ms = time.0 * 1000 + time.1 / 1000;
+        let acks = entries
+            .into_iter()
+            .filter(|(node, _)| *node != self.settings.node_id)
+            .filter_map(|(node, value)| NodeAck::parse(node, &value))
+            .collect();
+        Ok((now_ms, acks))
     }
 
     /// Starts a new epoch: every app of every node is forgotten. Returns the new epoch.
