@@ -129,6 +129,15 @@ pub fn parse(datagram: &[u8]) -> Result<Event, Reject> {
     // `Some(None)`: the last `app_sha256` was not 64 hex digits.
     let mut sha: Option<Option<AppKey>> = None;
     let mut ip: Option<i64> = None;
+    // Every client encodes the sha first, as a 64-byte field (key 0x0a, length 0x40): take it
+    // without the general walk, which goes on from there. Anything else, an invalid sha
+    // included, takes the general walk from the start.
+    if let [0x0a, 0x40, rest @ ..] = datagram {
+        if let Some(key) = rest.get(..64).and_then(AppKey::from_hex) {
+            sha = Some(Some(key));
+            buf = &rest[64..];
+        }
+    }
     while !buf.is_empty() {
         let (tag, wire_type) = decode_key(&mut buf).map_err(|_| Reject::Malformed)?;
         match (tag, wire_type) {
