@@ -21,7 +21,7 @@ use crate::process;
 use crate::snapshot::SnapshotCounters;
 use crate::store::{Applied, Verdict};
 use crate::wire::{self, AppKey};
-use crate::worker::{as_nanos, new_histogram, Latencies};
+use crate::worker::{as_nanos, new_histogram};
 
 /// The largest body `POST /events` takes. It is configured with the gate's limits, which
 /// refuse a larger body before it reaches the API; the API checks it again for requests that
@@ -188,8 +188,9 @@ pub struct Api {
     pub query_ns: Histogram<u64>,
     /// `DELETE /events` and `DELETE /events/{app_sha256}` latency, nanoseconds.
     pub reset_ns: Histogram<u64>,
-    /// The workers' merged histograms and when they were fetched.
-    worker_latencies: Option<(Instant, Latencies)>,
+    /// The workers' latency families, rendered from their merged histograms, and when those
+    /// were fetched.
+    worker_latencies: Option<(Instant, String)>,
     /// Other parts of the server with families of their own for `/metrics`.
     metric_sources: Vec<Box<dyn metrics::Source>>,
 }
@@ -249,7 +250,7 @@ impl Api {
     /// What `/metrics` shows, as plain values.
     pub fn stats(&mut self) -> Stats<'_> {
         use std::sync::atomic::Ordering::Relaxed;
-        let worker_latencies = self.worker_latencies();
+        let worker_latencies_fetched = self.fetch_worker_latencies();
         let snapshots = self.snapshots.as_ref().map(|c| SnapshotSample {
             taken: c.taken.load(Relaxed),
             failed: c.failed.load(Relaxed),
@@ -283,7 +284,11 @@ impl Api {
                 .iter()
                 .map(|(&(route, status), &count)| (route.label(), status, count))
                 .collect(),
-            worker_latencies,
+            worker_latencies: self
+                .worker_latencies
+                .as_ref()
+                .filter(|_| worker_latencies_fetched)
+                .map(|(_, families)| families.as_str()),
             query_ns: &self.query_ns,
             reset_ns: &self.reset_ns,
             process: process::sample().ok(),
@@ -295,20 +300,22 @@ impl Api {
         }
     }
 
-    /// The workers' merged latency histograms, fetched at most once per
-    /// [`WORKER_LATENCIES_MAX_AGE`]; `None` when a worker did not answer.
-    pub fn worker_latencies(&mut self) -> Option<Latencies> {
+    /// Fetches the workers' merged latency histograms and renders their families, at most
+    /// once per [`WORKER_LATENCIES_MAX_AGE`]; false when a worker did not answer.
+    fn fetch_worker_latencies(&mut self) -> bool {
         let fresh = self
             .worker_latencies
             .as_ref()
             .is_some_and(|(fetched, _)| fetched.elapsed() < WORKER_LATENCIES_MAX_AGE);
-        if !fresh {
-            let stats = self.cluster().stats().ok()?;
-            self.worker_latencies = Some((Instant::now(), metrics::merge_latencies(&stats)));
+        if fresh {
+            return true;
         }
-        self.worker_latencies
-            .as_ref()
-            .map(|(_, latencies)| latencies.clone())
+        let Ok(stats) = self.cluster().stats() else {
+            return false;
+        };
+        let families = metrics::worker_latency_families(&metrics::merge_latencies(&stats));
+        self.worker_latencies = Some((Instant::now(), families));
+        true
     }
 
     /// Answers one request and counts it by route and status.
