@@ -191,6 +191,8 @@ pub struct Api {
     /// The workers' latency families, rendered from their merged histograms, and when those
     /// were fetched.
     worker_latencies: Option<(Instant, String)>,
+    /// The last `process_*` figures and when they were read.
+    process: Option<(Instant, process::ProcessSample)>,
     /// Other parts of the server with families of their own for `/metrics`.
     metric_sources: Vec<Box<dyn metrics::Source>>,
 }
@@ -199,6 +201,12 @@ pub struct Api {
 /// copy of its histograms, so a client polling `/metrics` in a tight loop must not make the
 /// workers copy on every request.
 const WORKER_LATENCIES_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// How old the `process_*` figures in `/metrics` may be. Reading them takes four files and a
+/// directory listing of /proc, about as much CPU as the rest of `/metrics`; a client polling
+/// in a tight loop (the benchmark polls every 2 ms while the workers drain) must not take
+/// that from the workers on every request.
+const PROCESS_SAMPLE_MAX_AGE: Duration = Duration::from_secs(1);
 
 impl Api {
     pub fn new(backend: Backend) -> Api {
@@ -211,6 +219,7 @@ impl Api {
             query_ns: new_histogram(),
             reset_ns: new_histogram(),
             worker_latencies: None,
+            process: None,
             metric_sources: Vec::new(),
         }
     }
@@ -251,6 +260,7 @@ impl Api {
     pub fn stats(&mut self) -> Stats<'_> {
         use std::sync::atomic::Ordering::Relaxed;
         let worker_latencies_fetched = self.fetch_worker_latencies();
+        let process = self.process_sample();
         let snapshots = self.snapshots.as_ref().map(|c| SnapshotSample {
             taken: c.taken.load(Relaxed),
             failed: c.failed.load(Relaxed),
@@ -291,7 +301,7 @@ impl Api {
                 .map(|(_, families)| families.as_str()),
             query_ns: &self.query_ns,
             reset_ns: &self.reset_ns,
-            process: process::sample().ok(),
+            process,
             extra,
             store_backlog_drops: self
                 .backend
@@ -316,6 +326,19 @@ impl Api {
         let families = metrics::worker_latency_families(&metrics::merge_latencies(&stats));
         self.worker_latencies = Some((Instant::now(), families));
         true
+    }
+
+    /// The process's figures, read from /proc at most once per [`PROCESS_SAMPLE_MAX_AGE`];
+    /// `None` when /proc cannot be read.
+    fn process_sample(&mut self) -> Option<process::ProcessSample> {
+        let fresh = self
+            .process
+            .as_ref()
+            .is_some_and(|(read, _)| read.elapsed() < PROCESS_SAMPLE_MAX_AGE);
+        if !fresh {
+            self.process = Some((Instant::now(), process::sample().ok()?));
+        }
+        self.process.as_ref().map(|(_, sample)| sample.clone())
     }
 
     /// Answers one request and counts it by route and status.

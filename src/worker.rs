@@ -123,8 +123,8 @@ impl Tally {
 /// Latency histograms, all in nanoseconds.
 #[derive(Clone, Debug)]
 pub struct Latencies {
-    /// From the kernel's receive timestamp to the event being applied; one sample per batch,
-    /// taken from the batch's first (oldest) datagram.
+    /// From the kernel's arrival stamp of a batch's last (newest) datagram to the batch being
+    /// applied; one sample per batch (`socket::last_received_at`).
     pub ingest_ns: Histogram<u64>,
     /// Time to receive and apply one batch.
     pub batch_ns: Histogram<u64>,
