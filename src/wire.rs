@@ -134,6 +134,14 @@ pub fn parse(datagram: &[u8]) -> Result<Event, Reject> {
     // included, takes the general walk from the start.
     if let [0x0a, 0x40, rest @ ..] = datagram {
         if let Some(key) = rest.get(..64).and_then(AppKey::from_hex) {
+            // And the ip field (key 0x10) right after it, as the datagram's last field: the
+            // whole datagram is then read, with the general walk's result.
+            if let [0x10, varint @ ..] = &rest[64..] {
+                if let Some(ip) = whole_short_varint(varint) {
+                    let ip = u32::try_from(ip).map_err(|_| Reject::IpOutOfRange)?;
+                    return Ok(Event { app: key, ip });
+                }
+            }
             sha = Some(Some(key));
             buf = &rest[64..];
         }
@@ -173,6 +181,24 @@ pub fn parse(datagram: &[u8]) -> Result<Event, Reject> {
     let app = sha.ok_or(Reject::BadSha)?;
     let ip = u32::try_from(ip).map_err(|_| Reject::IpOutOfRange)?;
     Ok(Event { app, ip })
+}
+
+/// The value of a varint that takes exactly `bytes`, at most five of them (enough for any
+/// IPv4 address); `None` for anything else, which the general walk then reads. Like prost, it
+/// accepts a varint padded with continuation bytes (0x80 0x00 is 0).
+fn whole_short_varint(bytes: &[u8]) -> Option<u64> {
+    if bytes.is_empty() || bytes.len() > 5 {
+        return None;
+    }
+    let mut value = 0u64;
+    for (i, &byte) in bytes.iter().enumerate() {
+        let last = i + 1 == bytes.len();
+        if (byte & 0x80 == 0) != last {
+            return None;
+        }
+        value |= u64::from(byte & 0x7f) << (7 * i);
+    }
+    Some(value)
 }
 
 /// Encodes an event as one datagram; used by the tools and tests, never by the server.
@@ -305,6 +331,39 @@ mod tests {
         for (datagram, reason) in cases {
             check(&datagram, Err(reason));
         }
+    }
+
+    #[test]
+    fn the_common_layout_reads_like_the_general_walk() {
+        // The sha field, then the ip field as the last one: the fast path's own cases.
+        let with_ip_bytes = |varint: &[u8]| {
+            let mut datagram = field_bytes(1, SHA.as_bytes());
+            datagram.push(0x10);
+            datagram.extend_from_slice(varint);
+            datagram
+        };
+        let ok = |ip| Ok(Event { app: key(), ip });
+        check(&with_ip_bytes(&[0x07]), ok(7));
+        // Padded with continuation bytes, as prost accepts.
+        check(&with_ip_bytes(&[0x80, 0x00]), ok(0));
+        check(
+            &with_ip_bytes(&[0xff, 0xff, 0xff, 0xff, 0x0f]),
+            ok(u32::MAX),
+        );
+        check(&with_ip_bytes(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x00]), ok(0));
+        check(
+            &with_ip_bytes(&[0x80, 0x80, 0x80, 0x80, 0x10]),
+            Err(Reject::IpOutOfRange),
+        );
+        check(&with_ip_bytes(&[0x80]), Err(Reject::Malformed));
+        check(&with_ip_bytes(&[]), Err(Reject::Malformed));
+        // Another field after the ip, or a later sha, goes on with the general walk.
+        let mut later_sha = with_ip_bytes(&[0x07]);
+        later_sha.extend(field_bytes(1, b"nope"));
+        check(&later_sha, Err(Reject::BadSha));
+        let mut unknown = with_ip_bytes(&[0x07]);
+        unknown.extend(field_varint(3, 1));
+        check(&unknown, ok(7));
     }
 
     #[test]
