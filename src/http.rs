@@ -21,7 +21,7 @@ use crate::process;
 use crate::snapshot::SnapshotCounters;
 use crate::store::{Applied, Verdict};
 use crate::wire::{self, AppKey};
-use crate::worker::{as_nanos, new_histogram, Latencies};
+use crate::worker::{as_nanos, new_histogram};
 
 /// The largest body `POST /events` takes. It is configured with the gate's limits, which
 /// refuse a larger body before it reaches the API; the API checks it again for requests that
@@ -188,8 +188,11 @@ pub struct Api {
     pub query_ns: Histogram<u64>,
     /// `DELETE /events` and `DELETE /events/{app_sha256}` latency, nanoseconds.
     pub reset_ns: Histogram<u64>,
-    /// The workers' merged histograms and when they were fetched.
-    worker_latencies: Option<(Instant, Latencies)>,
+    /// The workers' latency families, rendered from their merged histograms, and when those
+    /// were fetched.
+    worker_latencies: Option<(Instant, String)>,
+    /// The last `process_*` figures and when they were read.
+    process: Option<(Instant, process::ProcessSample)>,
     /// Other parts of the server with families of their own for `/metrics`.
     metric_sources: Vec<Box<dyn metrics::Source>>,
 }
@@ -198,6 +201,12 @@ pub struct Api {
 /// copy of its histograms, so a client polling `/metrics` in a tight loop must not make the
 /// workers copy on every request.
 const WORKER_LATENCIES_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// How old the `process_*` figures in `/metrics` may be. Reading them takes four files and a
+/// directory listing of /proc, about as much CPU as the rest of `/metrics`; a client polling
+/// in a tight loop (the benchmark polls every 2 ms while the workers drain) must not take
+/// that from the workers on every request.
+const PROCESS_SAMPLE_MAX_AGE: Duration = Duration::from_secs(1);
 
 impl Api {
     pub fn new(backend: Backend) -> Api {
@@ -210,6 +219,7 @@ impl Api {
             query_ns: new_histogram(),
             reset_ns: new_histogram(),
             worker_latencies: None,
+            process: None,
             metric_sources: Vec::new(),
         }
     }
@@ -249,7 +259,8 @@ impl Api {
     /// What `/metrics` shows, as plain values.
     pub fn stats(&mut self) -> Stats<'_> {
         use std::sync::atomic::Ordering::Relaxed;
-        let worker_latencies = self.worker_latencies();
+        let worker_latencies_fetched = self.fetch_worker_latencies();
+        let process = self.process_sample();
         let snapshots = self.snapshots.as_ref().map(|c| SnapshotSample {
             taken: c.taken.load(Relaxed),
             failed: c.failed.load(Relaxed),
@@ -283,10 +294,14 @@ impl Api {
                 .iter()
                 .map(|(&(route, status), &count)| (route.label(), status, count))
                 .collect(),
-            worker_latencies,
+            worker_latencies: self
+                .worker_latencies
+                .as_ref()
+                .filter(|_| worker_latencies_fetched)
+                .map(|(_, families)| families.as_str()),
             query_ns: &self.query_ns,
             reset_ns: &self.reset_ns,
-            process: process::sample().ok(),
+            process,
             extra,
             store_backlog_drops: self
                 .backend
@@ -295,20 +310,35 @@ impl Api {
         }
     }
 
-    /// The workers' merged latency histograms, fetched at most once per
-    /// [`WORKER_LATENCIES_MAX_AGE`]; `None` when a worker did not answer.
-    pub fn worker_latencies(&mut self) -> Option<Latencies> {
+    /// Fetches the workers' merged latency histograms and renders their families, at most
+    /// once per [`WORKER_LATENCIES_MAX_AGE`]; false when a worker did not answer.
+    fn fetch_worker_latencies(&mut self) -> bool {
         let fresh = self
             .worker_latencies
             .as_ref()
             .is_some_and(|(fetched, _)| fetched.elapsed() < WORKER_LATENCIES_MAX_AGE);
-        if !fresh {
-            let stats = self.cluster().stats().ok()?;
-            self.worker_latencies = Some((Instant::now(), metrics::merge_latencies(&stats)));
+        if fresh {
+            return true;
         }
-        self.worker_latencies
+        let Ok(stats) = self.cluster().stats() else {
+            return false;
+        };
+        let families = metrics::worker_latency_families(&metrics::merge_latencies(&stats));
+        self.worker_latencies = Some((Instant::now(), families));
+        true
+    }
+
+    /// The process's figures, read from /proc at most once per [`PROCESS_SAMPLE_MAX_AGE`];
+    /// `None` when /proc cannot be read.
+    fn process_sample(&mut self) -> Option<process::ProcessSample> {
+        let fresh = self
+            .process
             .as_ref()
-            .map(|(_, latencies)| latencies.clone())
+            .is_some_and(|(read, _)| read.elapsed() < PROCESS_SAMPLE_MAX_AGE);
+        if !fresh {
+            self.process = Some((Instant::now(), process::sample().ok()?));
+        }
+        self.process.as_ref().map(|(_, sample)| sample.clone())
     }
 
     /// Answers one request and counts it by route and status.

@@ -39,8 +39,9 @@ pub struct Stats<'a> {
     pub gate: Option<GateSample>,
     /// HTTP requests answered: (route label, status, count).
     pub requests: Vec<(&'static str, u16, u64)>,
-    /// The workers' merged histograms; `None` when a worker did not answer in time.
-    pub worker_latencies: Option<Latencies>,
+    /// The workers' latency families, rendered by [`worker_latency_families`]; `None` when a
+    /// worker did not answer in time.
+    pub worker_latencies: Option<&'a str>,
     pub query_ns: &'a Histogram<u64>,
     pub reset_ns: &'a Histogram<u64>,
     /// The process's own figures from /proc; `None` when /proc cannot be read.
@@ -286,19 +287,8 @@ pub fn render(stats: &Stats) -> String {
 
     // Worker histograms come through the command channels; if a worker is slow to answer,
     // the counters above are still worth serving, so the summaries are left out instead.
-    if let Some(latencies) = &stats.worker_latencies {
-        summary(
-            &mut out,
-            "ingest_latency_seconds",
-            "From the kernel receive timestamp to the event applied (sampled once per batch).",
-            &latencies.ingest_ns,
-        );
-        summary(
-            &mut out,
-            "batch_seconds",
-            "Time to receive and apply one recvmmsg batch.",
-            &latencies.batch_ns,
-        );
+    if let Some(families) = stats.worker_latencies {
+        out.push_str(families);
     }
     summary(
         &mut out,
@@ -453,10 +443,42 @@ pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {NAMESPACE}_{name} {kind}");
 }
 
+/// The workers' latency families, from their merged histograms. The API renders them when it
+/// fetches the histograms (at most once a second), not for every request: their quantiles
+/// cost more than the rest of `/metrics`, and a client polling it often (as the benchmark
+/// does, every 2 ms) would take that CPU from the workers.
+pub fn worker_latency_families(latencies: &Latencies) -> String {
+    let mut out = String::new();
+    summary(
+        &mut out,
+        "ingest_latency_seconds",
+        "From the kernel's arrival stamp of a batch's newest datagram to the batch applied (sampled once per batch).",
+        &latencies.ingest_ns,
+    );
+    summary(
+        &mut out,
+        "batch_seconds",
+        "Time to receive and apply one recvmmsg batch.",
+        &latencies.batch_ns,
+    );
+    out
+}
+
 pub fn summary(out: &mut String, name: &str, help: &str, histogram_ns: &Histogram<u64>) {
     family(out, name, "summary", help);
-    for q in QUANTILES {
-        let seconds = histogram_ns.value_at_quantile(q) as f64 / 1e9;
+    // One pass over the histogram for all quantiles, and none for an empty one (every
+    // quantile is then 0): each pass walks tens of thousands of buckets.
+    let mut values = [0u64; QUANTILES.len()];
+    if !histogram_ns.is_empty() {
+        for (value, ns) in values
+            .iter_mut()
+            .zip(histogram_ns.value_at_quantiles(QUANTILES))
+        {
+            *value = ns;
+        }
+    }
+    for (q, ns) in QUANTILES.iter().zip(values) {
+        let seconds = ns as f64 / 1e9;
         let _ = writeln!(out, "{NAMESPACE}_{name}{{quantile=\"{q}\"}} {seconds:.9}");
     }
     let sum_seconds = histogram_ns.mean() * histogram_ns.len() as f64 / 1e9;

@@ -10,15 +10,67 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use smallvec::SmallVec;
 
 use crate::wire::{AppKey, Event};
 
-/// An app whose distinct IPs fit in this many entries keeps them in a flat vector (linear
-/// search over at most 384 bytes); past it they move to a hash map.
-const FLAT_IPS_MAX: usize = 32;
+/// The keyed hash of the worker's tables: foldhash (its "quality" variant), seeded from the
+/// operating system's randomness, at least 128 bits of secret per table.
+///
+/// Anyone can send any sha, and with `--max-ips-per-app` up to 4096 any IPs, so the hash must
+/// not let keys chosen in advance collide. Every 64-bit word of the key is XORed with
+/// secret seed material before a full 64 x 64 -> 128-bit multiply whose halves are folded
+/// together, so which keys collide depends on seeds an attacker never sees: no answer,
+/// metric or log reveals a hash or a table's order (answers are sorted), and every table of
+/// every start has its own seed. foldhash does not claim resistance against an attacker who
+/// recovers the seed by timing a long-running server; SipHash-1-3 (std's default) resists
+/// that better, at several times the cost on 32 bytes (see the README's Performance). The
+/// caps (`--max-apps`, `--max-ips-per-app`) bound what any collision could cost.
+#[derive(Clone, Debug)]
+pub struct KeyedHash(foldhash::quality::SeedableRandomState);
+
+impl KeyedHash {
+    pub fn new() -> KeyedHash {
+        // std's RandomState draws its keys from the operating system (getrandom); foldhash's
+        // own random state draws from addresses and the clock, which is weaker.
+        static SHARED_SEED: OnceLock<foldhash::SharedSeed> = OnceLock::new();
+        let shared = SHARED_SEED.get_or_init(|| foldhash::SharedSeed::from_u64(os_random_u64()));
+        KeyedHash(foldhash::quality::SeedableRandomState::with_seed(
+            os_random_u64(),
+            shared,
+        ))
+    }
+}
+
+impl Default for KeyedHash {
+    fn default() -> KeyedHash {
+        KeyedHash::new()
+    }
+}
+
+impl BuildHasher for KeyedHash {
+    type Hasher = foldhash::quality::FoldHasher;
+
+    fn build_hasher(&self) -> Self::Hasher {
+        self.0.build_hasher()
+    }
+}
+
+/// 64 bits from std's `RandomState`, whose keys come from the operating system's randomness.
+fn os_random_u64() -> u64 {
+    RandomState::new().hash_one(0u64)
+}
+
+/// An app whose distinct IPs fit in this many entries keeps them in a flat vector, searched
+/// linearly (at most 192 bytes, three cache lines); this keeps the 16-IP apps of the memory
+/// benchmark at 12 bytes a pair.
+const FLAT_IPS_MAX: usize = 16;
+
+/// Past [`FLAT_IPS_MAX`], an app's IPs go into an open-addressed table of at most this many
+/// slots, kept at most three quarters full; past that, into a hash map.
+const HASHED_SLOTS_MAX: usize = 64;
 
 /// One observed IP of an app and how many events named it.
 ///
@@ -32,19 +84,99 @@ struct IpCount {
 }
 
 /// The IPs of one app: inline for the common app with one or two IPs, a flat vector up to
-/// [`FLAT_IPS_MAX`], a hash map beyond.
+/// [`FLAT_IPS_MAX`], an open-addressed table of up to [`HASHED_SLOTS_MAX`] slots, a hash map
+/// beyond.
 #[derive(Debug)]
 enum IpSet {
     Flat(SmallVec<[IpCount; 2]>),
+    Hashed(HashedIps),
     // Boxed, so that the rare large app does not make every app's entry as big as a map.
     #[allow(clippy::box_collection)]
-    Map(Box<HashMap<u32, u64>>),
+    Map(Box<HashMap<u32, u64, KeyedHash>>),
+}
+
+/// An app's IPs in a power-of-two number of slots (16 to [`HASHED_SLOTS_MAX`]) with linear
+/// probing, for apps like the reference client's with a few dozen IPs: an event finds its IP
+/// in one or two probes, in one cache line, where a flat vector would compare a dozen on
+/// average. A bit per slot says which slots are taken, so that no IP value is reserved. The
+/// slot comes from an unkeyed multiplicative hash: the table holds at most 48 IPs, so keys
+/// chosen to collide cost at most a scan of 64 slots, as much as a flat search.
+#[derive(Debug)]
+struct HashedIps {
+    slots: Box<[IpCount]>,
+    occupied: u64,
+}
+
+impl HashedIps {
+    fn with_slots(slots: usize) -> HashedIps {
+        debug_assert!(slots.is_power_of_two() && slots <= HASHED_SLOTS_MAX);
+        HashedIps {
+            slots: vec![IpCount { ip: 0, events: 0 }; slots].into_boxed_slice(),
+            occupied: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.occupied.count_ones() as usize
+    }
+
+    /// Whether one more IP would pass three quarters of the slots.
+    fn is_full(&self) -> bool {
+        (self.len() + 1) * 4 > self.slots.len() * 3
+    }
+
+    /// The slot holding `ip`, or the free slot where it would go. The table is never full, so
+    /// the probe ends.
+    fn find(&self, ip: u32) -> Result<usize, usize> {
+        let mask = self.slots.len() - 1;
+        // Fibonacci hashing: the top bits of the product, spread evenly even for the runs of
+        // consecutive addresses that a home block is made of.
+        let bits = self.slots.len().trailing_zeros();
+        let mut slot = (ip.wrapping_mul(0x9e37_79b9) >> (32 - bits)) as usize;
+        loop {
+            if self.occupied & (1 << slot) == 0 {
+                return Err(slot);
+            }
+            if self.slots[slot].ip == ip {
+                return Ok(slot);
+            }
+            slot = (slot + 1) & mask;
+        }
+    }
+
+    /// Puts a new IP in its free slot; the caller checked that it is absent and that the
+    /// table is not full.
+    fn insert_new(&mut self, slot: usize, ip: u32, events: u64) {
+        self.slots[slot] = IpCount { ip, events };
+        self.occupied |= 1 << slot;
+    }
+
+    fn iter(&self) -> impl Iterator<Item = IpCount> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|&(slot, _)| self.occupied & (1 << slot) != 0)
+            .map(|(_, &entry)| entry)
+    }
+
+    /// The same IPs in a table of `slots` slots.
+    fn rehashed(entries: impl Iterator<Item = IpCount>, slots: usize) -> HashedIps {
+        let mut table = HashedIps::with_slots(slots);
+        for entry in entries {
+            match table.find(entry.ip) {
+                Err(slot) => table.insert_new(slot, entry.ip, entry.events),
+                Ok(_) => unreachable!("the IPs of a set are distinct"),
+            }
+        }
+        table
+    }
 }
 
 impl IpSet {
     fn len(&self) -> usize {
         match self {
             IpSet::Flat(ips) => ips.len(),
+            IpSet::Hashed(ips) => ips.len(),
             IpSet::Map(ips) => ips.len(),
         }
     }
@@ -65,7 +197,38 @@ impl IpSet {
                     ips.push(IpCount { ip, events });
                     return true;
                 }
-                let mut map: HashMap<u32, u64> = ips.iter().map(|e| (e.ip, e.events)).collect();
+                let mut table = HashedIps::rehashed(ips.iter().copied(), 2 * FLAT_IPS_MAX);
+                let slot = table.find(ip).expect_err("checked absent above");
+                table.insert_new(slot, ip, events);
+                *self = IpSet::Hashed(table);
+                true
+            }
+            IpSet::Hashed(table) => {
+                let slot = match table.find(ip) {
+                    Ok(slot) => {
+                        let entry = &mut table.slots[slot];
+                        entry.events = entry.events.saturating_add(events);
+                        return true;
+                    }
+                    Err(slot) => slot,
+                };
+                if table.len() >= max_ips {
+                    return false;
+                }
+                if !table.is_full() {
+                    table.insert_new(slot, ip, events);
+                    return true;
+                }
+                let slots = table.slots.len() * 2;
+                if slots <= HASHED_SLOTS_MAX {
+                    let mut grown = HashedIps::rehashed(table.iter(), slots);
+                    let slot = grown.find(ip).expect_err("checked absent above");
+                    grown.insert_new(slot, ip, events);
+                    *table = grown;
+                    return true;
+                }
+                let mut map = HashMap::with_capacity_and_hasher(2 * table.len(), KeyedHash::new());
+                map.extend(table.iter().map(|e| (e.ip, e.events)));
                 map.insert(ip, events);
                 *self = IpSet::Map(Box::new(map));
                 true
@@ -87,6 +250,7 @@ impl IpSet {
     fn to_vec(&self) -> Vec<(u32, u64)> {
         match self {
             IpSet::Flat(ips) => ips.iter().map(|e| (e.ip, e.events)).collect(),
+            IpSet::Hashed(ips) => ips.iter().map(|e| (e.ip, e.events)).collect(),
             IpSet::Map(ips) => ips.iter().map(|(&ip, &events)| (ip, events)).collect(),
         }
     }
@@ -243,7 +407,7 @@ pub enum Applied {
 /// One worker's map of apps. Owned by exactly one thread.
 #[derive(Debug)]
 pub struct AppTable {
-    apps: HashMap<AppKey, AppState>,
+    apps: HashMap<AppKey, AppState, KeyedHash>,
     limits: Limits,
     budget: std::sync::Arc<AppBudget>,
 }
@@ -251,7 +415,7 @@ pub struct AppTable {
 impl AppTable {
     pub fn new(limits: Limits, budget: std::sync::Arc<AppBudget>) -> AppTable {
         AppTable {
-            apps: HashMap::new(),
+            apps: HashMap::with_hasher(KeyedHash::new()),
             limits,
             budget,
         }
@@ -375,7 +539,7 @@ impl AppTable {
     /// Forgets every app and returns the memory to the allocator.
     pub fn clear(&mut self) {
         self.budget.leave_all(self.apps.keys());
-        self.apps = HashMap::new();
+        self.apps = HashMap::with_hasher(KeyedHash::new());
     }
 
     /// Apps held by this table.

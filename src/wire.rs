@@ -23,21 +23,57 @@ pub use proto::IpEvent;
 pub const MAX_DATAGRAM_BYTES: usize = 512;
 
 /// An app's identity: the SHA-256 of its package, as 32 raw bytes.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct AppKey(pub [u8; 32]);
 
 impl AppKey {
     /// Parses 64 hex digits, in either case.
     pub fn from_hex(hex_digits: &[u8]) -> Option<AppKey> {
-        let mut key = [0u8; 32];
-        hex::decode_to_slice(hex_digits, &mut key).ok()?;
-        Some(AppKey(key))
+        let digits: &[u8; 64] = hex_digits.try_into().ok()?;
+        decode_hex_32(digits).map(AppKey)
     }
 
     /// The key as 64 lowercase hex digits, the form the API prints.
     pub fn to_hex(self) -> String {
         hex::encode(self.0)
     }
+}
+
+// The table is keyed by the 32 bytes alone: the derived `Hash` of an array would add its
+// length, eight more bytes to hash for every datagram.
+impl std::hash::Hash for AppKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write(&self.0);
+    }
+}
+
+/// Checks and decodes 64 hex digits (either case) in one pass over them. Written as two
+/// branch-free loops over fixed-size arrays, which the compiler turns into vector
+/// instructions; returns `None` when any byte is not a hex digit.
+fn decode_hex_32(digits: &[u8; 64]) -> Option<[u8; 32]> {
+    let mut values = [0u8; 64];
+    let mut invalid = 0u8;
+    for (value, &c) in values.iter_mut().zip(digits) {
+        let digit = c.wrapping_sub(b'0');
+        // `| 0x20` folds 'A'..='F' onto 'a'..='f' and leaves the digits as they are.
+        let letter = (c | 0x20).wrapping_sub(b'a');
+        let is_digit = digit < 10;
+        let is_letter = letter < 6;
+        invalid |= u8::from(!(is_digit | is_letter));
+        *value = if is_digit {
+            digit
+        } else {
+            letter.wrapping_add(10)
+        };
+    }
+    if invalid != 0 {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    for (byte, pair) in key.iter_mut().zip(values.chunks_exact(2)) {
+        *byte = (pair[0] << 4) | pair[1];
+    }
+    Some(key)
 }
 
 impl std::fmt::Debug for AppKey {
@@ -90,8 +126,26 @@ pub fn parse(datagram: &[u8]) -> Result<Event, Reject> {
         return Err(Reject::Oversized);
     }
     let mut buf = datagram;
-    let mut sha: Option<&[u8]> = None;
+    // `Some(None)`: the last `app_sha256` was not 64 hex digits.
+    let mut sha: Option<Option<AppKey>> = None;
     let mut ip: Option<i64> = None;
+    // Every client encodes the sha first, as a 64-byte field (key 0x0a, length 0x40): take it
+    // without the general walk, which goes on from there. Anything else, an invalid sha
+    // included, takes the general walk from the start.
+    if let [0x0a, 0x40, rest @ ..] = datagram {
+        if let Some(key) = rest.get(..64).and_then(AppKey::from_hex) {
+            // And the ip field (key 0x10) right after it, as the datagram's last field: the
+            // whole datagram is then read, with the general walk's result.
+            if let [0x10, varint @ ..] = &rest[64..] {
+                if let Some(ip) = whole_short_varint(varint) {
+                    let ip = u32::try_from(ip).map_err(|_| Reject::IpOutOfRange)?;
+                    return Ok(Event { app: key, ip });
+                }
+            }
+            sha = Some(Some(key));
+            buf = &rest[64..];
+        }
+    }
     while !buf.is_empty() {
         let (tag, wire_type) = decode_key(&mut buf).map_err(|_| Reject::Malformed)?;
         match (tag, wire_type) {
@@ -102,12 +156,15 @@ pub fn parse(datagram: &[u8]) -> Result<Event, Reject> {
                     return Err(Reject::Malformed);
                 }
                 let (value, rest) = buf.split_at(len);
-                // prost refuses a string field that is not UTF-8, even one that a later field
-                // overrides; so does this, so that parse never accepts what prost rejects.
-                if std::str::from_utf8(value).is_err() {
-                    return Err(Reject::Malformed);
-                }
-                sha = Some(value);
+                sha = Some(match AppKey::from_hex(value) {
+                    Some(key) => Some(key),
+                    // prost refuses a string field that is not UTF-8, even one that a later
+                    // field overrides; so does this, so that parse never accepts what prost
+                    // rejects. Hex digits are ASCII, so only a value that is not 64 of them
+                    // needs the check.
+                    None if std::str::from_utf8(value).is_err() => return Err(Reject::Malformed),
+                    None => None,
+                });
                 buf = rest;
             }
             (IP_TAG, WireType::Varint) => {
@@ -121,16 +178,27 @@ pub fn parse(datagram: &[u8]) -> Result<Event, Reject> {
     }
     let sha = sha.ok_or(Reject::MissingSha)?;
     let ip = ip.ok_or(Reject::MissingIp)?;
-    let app = validate_sha(sha)?;
+    let app = sha.ok_or(Reject::BadSha)?;
     let ip = u32::try_from(ip).map_err(|_| Reject::IpOutOfRange)?;
     Ok(Event { app, ip })
 }
 
-fn validate_sha(sha: &[u8]) -> Result<AppKey, Reject> {
-    if sha.len() != 64 {
-        return Err(Reject::BadSha);
+/// The value of a varint that takes exactly `bytes`, at most five of them (enough for any
+/// IPv4 address); `None` for anything else, which the general walk then reads. Like prost, it
+/// accepts a varint padded with continuation bytes (0x80 0x00 is 0).
+fn whole_short_varint(bytes: &[u8]) -> Option<u64> {
+    if bytes.is_empty() || bytes.len() > 5 {
+        return None;
     }
-    AppKey::from_hex(sha).ok_or(Reject::BadSha)
+    let mut value = 0u64;
+    for (i, &byte) in bytes.iter().enumerate() {
+        let last = i + 1 == bytes.len();
+        if (byte & 0x80 == 0) != last {
+            return None;
+        }
+        value |= u64::from(byte & 0x7f) << (7 * i);
+    }
+    Some(value)
 }
 
 /// Encodes an event as one datagram; used by the tools and tests, never by the server.
@@ -266,6 +334,39 @@ mod tests {
     }
 
     #[test]
+    fn the_common_layout_reads_like_the_general_walk() {
+        // The sha field, then the ip field as the last one: the fast path's own cases.
+        let with_ip_bytes = |varint: &[u8]| {
+            let mut datagram = field_bytes(1, SHA.as_bytes());
+            datagram.push(0x10);
+            datagram.extend_from_slice(varint);
+            datagram
+        };
+        let ok = |ip| Ok(Event { app: key(), ip });
+        check(&with_ip_bytes(&[0x07]), ok(7));
+        // Padded with continuation bytes, as prost accepts.
+        check(&with_ip_bytes(&[0x80, 0x00]), ok(0));
+        check(
+            &with_ip_bytes(&[0xff, 0xff, 0xff, 0xff, 0x0f]),
+            ok(u32::MAX),
+        );
+        check(&with_ip_bytes(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x00]), ok(0));
+        check(
+            &with_ip_bytes(&[0x80, 0x80, 0x80, 0x80, 0x10]),
+            Err(Reject::IpOutOfRange),
+        );
+        check(&with_ip_bytes(&[0x80]), Err(Reject::Malformed));
+        check(&with_ip_bytes(&[]), Err(Reject::Malformed));
+        // Another field after the ip, or a later sha, goes on with the general walk.
+        let mut later_sha = with_ip_bytes(&[0x07]);
+        later_sha.extend(field_bytes(1, b"nope"));
+        check(&later_sha, Err(Reject::BadSha));
+        let mut unknown = with_ip_bytes(&[0x07]);
+        unknown.extend(field_varint(3, 1));
+        check(&unknown, ok(7));
+    }
+
+    #[test]
     fn max_size_datagram_is_accepted() {
         let mut datagram = encode(SHA, 1);
         let padding = MAX_DATAGRAM_BYTES - datagram.len() - 3;
@@ -285,6 +386,31 @@ mod tests {
     }
 
     #[test]
+    fn hex_digits_decode_like_the_hex_crate() {
+        // Every byte value at every position, in a valid sha otherwise.
+        let mut digits = *b"00112233445566778899aabbccddeeffAABBCCDDEEFF00112233445566778899";
+        for position in 0..64 {
+            let original = digits[position];
+            for byte in 0..=255u8 {
+                digits[position] = byte;
+                let mut want = [0u8; 32];
+                let want = hex::decode_to_slice(digits, &mut want)
+                    .ok()
+                    .map(|()| AppKey(want));
+                assert_eq!(
+                    AppKey::from_hex(&digits),
+                    want,
+                    "byte {byte:#04x} at {position}"
+                );
+            }
+            digits[position] = original;
+        }
+        for len in [0, 1, 62, 63, 65, 66, 128] {
+            assert_eq!(AppKey::from_hex(&vec![b'a'; len]), None, "{len} digits");
+        }
+    }
+
+    #[test]
     fn dotted_quads() {
         assert_eq!(dotted_quad(0), "0.0.0.0");
         assert_eq!(dotted_quad(0x0a00_0001), "10.0.0.1");
@@ -295,6 +421,35 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
+        /// One field as (tag, bytes): an `app_sha256` of some kind, an `ip`, or an unknown one.
+        fn field() -> impl Strategy<Value = (u32, Vec<u8>)> {
+            let sha = prop_oneof![
+                proptest::array::uniform32(any::<u8>())
+                    .prop_map(|k| AppKey(k).to_hex().into_bytes()),
+                proptest::array::uniform32(any::<u8>())
+                    .prop_map(|k| AppKey(k).to_hex().to_uppercase().into_bytes()),
+                (
+                    proptest::array::uniform32(any::<u8>()),
+                    0usize..64,
+                    any::<u8>()
+                )
+                    .prop_map(|(k, at, byte)| {
+                        let mut digits = AppKey(k).to_hex().into_bytes();
+                        digits[at] = byte;
+                        digits
+                    }),
+                proptest::collection::vec(any::<u8>(), 0..70),
+            ];
+            prop_oneof![
+                sha.prop_map(|value| (1, field_bytes(1, &value))),
+                prop_oneof![any::<u64>(), 0u64..=u32::MAX as u64]
+                    .prop_map(|ip| (2, field_varint(2, ip))),
+                (3u32..20, any::<u64>()).prop_map(|(tag, v)| (tag, field_varint(tag, v))),
+                (3u32..20, proptest::collection::vec(any::<u8>(), 0..8))
+                    .prop_map(|(tag, v)| (tag, field_bytes(tag, &v))),
+            ]
+        }
+
         proptest! {
             /// Parsing never panics, and whatever it accepts prost decodes to the same event.
             #[test]
@@ -304,6 +459,29 @@ mod tests {
                     let decoded = IpEvent::decode(datagram.as_slice()).expect("prost decodes it");
                     prop_assert_eq!(decoded.ip, i64::from(event.ip));
                     prop_assert_eq!(decoded.app_sha256.to_lowercase(), event.app.to_hex());
+                }
+            }
+
+            /// Structured datagrams (repeated, reordered and unknown fields; shas valid, short,
+            /// not hex, not UTF-8): parse accepts exactly what prost decodes to a 64-hex-digit
+            /// sha and an IPv4 address, when both fields are present.
+            #[test]
+            fn accepts_exactly_what_prost_does(fields in proptest::collection::vec(field(), 0..6)) {
+                use prost::Message;
+                let datagram: Vec<u8> = fields.iter().flat_map(|(_, bytes)| bytes.clone()).collect();
+                let has = |tag| fields.iter().any(|&(t, _)| t == tag);
+                let decoded = IpEvent::decode(datagram.as_slice());
+                let want_ok = match &decoded {
+                    Ok(event) => has(1) && has(2)
+                        && AppKey::from_hex(event.app_sha256.as_bytes()).is_some()
+                        && u32::try_from(event.ip).is_ok(),
+                    Err(_) => false,
+                };
+                let got = parse(&datagram);
+                prop_assert_eq!(got.is_ok(), want_ok, "{:?} {:?}", got, decoded);
+                if let (Ok(event), Ok(decoded)) = (got, decoded) {
+                    prop_assert_eq!(i64::from(event.ip), decoded.ip);
+                    prop_assert_eq!(event.app.to_hex(), decoded.app_sha256.to_lowercase());
                 }
             }
 

@@ -21,7 +21,9 @@ What it measures, in order:
 1. Receiver capacity (the headline). The receiver is stopped with SIGSTOP, `loadgen
    --send-only` queues N datagrams in its sockets (1 GiB receive buffers hold them), and the
    time from SIGCONT until /metrics counts all N gives events/s with no sender in the way.
-   Server and discard, one worker and one per core, each steering mode.
+   Server and discard, one worker and one per core, each steering mode. Then `microbench`
+   (also with `--capacity-only`): the worker's own parse + apply per datagram without the
+   kernel, for the reference mix and many apps, and the hex decode and hash alone.
 2. Lossless paced rate: the highest `--rate` at which at least 99.99% of the datagrams arrive,
    found by doubling from 100k/s and then bisecting; every trial goes into loss.svg.
 3. Query latency while 100,000 apps are being written at half the lossless rate.
@@ -97,7 +99,7 @@ class Bench:
     def __init__(self, settings, target_dir, out):
         self.settings = settings
         self.binaries = {name: str(target_dir / "release" / name)
-                         for name in ("ipevents", "discard", "loadgen")}
+                         for name in ("ipevents", "discard", "loadgen", "microbench")}
         self.out = out
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -193,6 +195,7 @@ class Results:
     """What the five steps measured, and what they measured it at."""
 
     capacity: dict
+    micro: tuple
     searches: dict
     server_rate: float
     threads: int
@@ -206,6 +209,7 @@ class Results:
 def run_steps(bench):
     log("step 1/6: receiver capacity")
     capacity = steps.step_capacity(bench)
+    micro = steps.step_micro(bench)
     log("step 2/6: lossless paced rate")
     searches = steps.step_lossless(bench)
     plotter = write_loss_plot(
@@ -230,13 +234,14 @@ def run_steps(bench):
     reference = steps.step_reference(bench)
     log("step 6/6: cluster mode")
     clustered = cluster.step_cluster(bench)
-    return Results(capacity, searches, server_rate, threads, plotter, queries, memory,
+    return Results(capacity, micro, searches, server_rate, threads, plotter, queries, memory,
                    reference, clustered)
 
 
 def report_sections(bench, results):
     return [
         sections.capacity_section(bench, results.capacity) + sections.notes(bench, "capacity"),
+        sections.micro_section(bench, results.micro),
         sections.lossless_section(bench, results.searches, results.plotter),
         sections.queries_section(bench, results.queries, results.server_rate, results.threads)
         + sections.notes(bench, "queries"),
@@ -275,7 +280,8 @@ def main(argv):
     elif args.capacity_only:
         capacity = steps.step_capacity(bench)
         section = sections.capacity_section(bench, capacity) + sections.notes(bench, "capacity")
-        text = write_report(bench, command, started, [section])
+        micro = sections.micro_section(bench, steps.step_micro(bench))
+        text = write_report(bench, command, started, [section, micro])
     else:
         results = run_steps(bench)
         text = write_report(bench, command, started, report_sections(bench, results))

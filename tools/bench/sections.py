@@ -9,6 +9,7 @@ from steps import (
     DRAIN_POLL_S,
     GOOD_IPS,
     MEMORY_RCVBUF_BYTES,
+    MICRO_ROWS,
     RECEIVERS,
     SEARCH_BISECTIONS,
     SEARCH_START_PER_S,
@@ -60,6 +61,23 @@ def capacity_section(bench, results):
         text += ["", f"The kernel charged {fmt.Figure(truesize).median:.0f} bytes of receive "
                      "buffer per queued datagram (its truesize, read from /proc/net/udp)."]
     return text
+
+
+def micro_section(bench, micro):
+    figures, ips = micro
+    rows = [[what, fmt.Figure(figures[name]).show(lambda ns: f"{ns:.1f}")]
+            for name, what in MICRO_ROWS]
+    return "\n".join([
+        "## 1b. The worker's own cost per datagram",
+        "",
+        "`microbench`, without the kernel: `worker::apply_batch` (parse a batch of 64, then "
+        "apply it) over datagrams encoded as loadgen encodes them, on a table warmed by one "
+        f"pass; the reference mix (3 apps, {ips} IPs each) and {bench.settings.query_apps:,} "
+        "apps of 16 IPs, each datagram naming a uniformly drawn (app, ip); then the parts "
+        "alone. Each run is the median of five passes.",
+        "",
+        fmt.table(["what", "ns per datagram, key or sha"], rows),
+    ]) + "\n"
 
 
 def lossless_section(bench, searches, plotter):

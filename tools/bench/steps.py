@@ -5,12 +5,15 @@ A step takes the benchmark's `Bench` (binaries, settings, loadgen, notes) as its
 argument. Every receiver is started in a `with` block, so that it is stopped whatever happens.
 """
 
+import json
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
 import report as fmt
 from plot import THRESHOLD_PERCENT
+from receiver import BenchError
 
 # The largest receive buffer Linux grants: it stores twice the value asked in an int, so it
 # clamps any request above INT_MAX / 2. Asking for exactly this avoids a spurious "capped".
@@ -169,6 +172,44 @@ def step_capacity(bench):
         for kind in RECEIVERS:
             results[(kind, workers, steering)] = capacity_row(bench, kind, workers, steering)
     return results
+
+
+# --- Step 1b: the worker's own cost, without the kernel -------------------------------------
+
+
+# microbench's figures, in the order the report lists them, with what each measures.
+MICRO_ROWS = (
+    ("parse_apply_reference_ns", "parse + apply, reference mix"),
+    ("parse_apply_many_apps_ns", "parse + apply, many apps"),
+    ("parse_ns", "parse alone, reference mix"),
+    ("hex_decode_ns", "hex decode of a sha (the server's)"),
+    ("hex_decode_hex_crate_ns", "hex decode of a sha (the hex crate)"),
+    ("hash_keyed_ns", "hash of a 32-byte key (the table's seeded foldhash)"),
+    ("hash_siphash_ns", "hash of a 32-byte key (std's SipHash-1-3)"),
+)
+
+
+def step_micro(bench):
+    """Runs `microbench --json` `runs` times; returns {figure name: [ns per run]} and the
+    reference app's IPs. Each run is itself the median of microbench's own passes."""
+    count = bench.settings.capacity_count * 2
+    apps = bench.settings.query_apps
+    figures = {name: [] for name, _ in MICRO_ROWS}
+    ips = None
+    for _ in range(bench.settings.runs):
+        argv = [bench.binaries["microbench"], "--json", "--datagrams", str(count),
+                "--apps", str(apps), "--seed", str(bench.settings.seed)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=LOADGEN_MAX_S,
+                              check=False)
+        if done.returncode != 0:
+            raise BenchError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
+        result = json.loads(done.stdout)
+        ips = result["reference_ips_per_app"]
+        for name in figures:
+            figures[name].append(result[name])
+    log("microbench: " + ", ".join(f"{name} {fmt.Figure(values).median:.1f} ns"
+                                     for name, values in figures.items()))
+    return figures, ips
 
 
 # --- Step 2: lossless paced rate -----------------------------------------------------------
