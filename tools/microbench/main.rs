@@ -238,7 +238,7 @@ fn main() -> ExitCode {
         (
             "hex_decode_ns",
             decode_ns_server,
-            "64 hex digits checked and decoded (the server's)".to_owned(),
+            "64 hex digits checked and decoded (the server's, const-hex)".to_owned(),
         ),
         (
             "hex_decode_hex_crate_ns",
