@@ -1,7 +1,7 @@
 //! HTTP abuse: huge declared bodies, huge and slow heads, idle connection floods, pipelining
 //! and garbage. The server must refuse cleanly, stay responsive and hold bounded memory.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -18,30 +18,14 @@ fn connect(server: &Server) -> TcpStream {
 
 /// Reads one response from a connection that may carry more; returns (status, body).
 fn read_response(reader: &mut BufReader<TcpStream>) -> (u16, String) {
-    let mut status_line = String::new();
-    reader.read_line(&mut status_line).unwrap();
+    let (status_line, body) = support::read_response_line(reader);
     let status = status_line
         .split_whitespace()
         .nth(1)
         .unwrap()
         .parse()
         .unwrap();
-    let mut length = 0;
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        if line.trim_end().is_empty() {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':') {
-            if name.eq_ignore_ascii_case("content-length") {
-                length = value.trim().parse().unwrap();
-            }
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).unwrap();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    (status, body)
 }
 
 /// Whether the server closed the connection (reads end) within the deadline.

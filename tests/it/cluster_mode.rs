@@ -26,9 +26,10 @@ fn node(cluster: &RedisCluster, prefix: &str, extra: &[&str]) -> Server {
         prefix,
         "--workers",
         "2",
-        "--reply-timeout-ms",
-        "1000",
     ];
+    if !extra.contains(&"--reply-timeout-ms") {
+        args.extend(["--reply-timeout-ms", "1000"]);
+    }
     if !extra.contains(&"--flush-interval-ms") {
         args.extend(["--flush-interval-ms", &flush]);
     }
@@ -177,8 +178,10 @@ fn delete_all_on_one_node_clears_every_node() {
     let Some(cluster) = RedisCluster::start("delete_all", Shape::THREE_PRIMARIES) else {
         return;
     };
-    let a = node(&cluster, "delall", &[]);
-    let b = node(&cluster, "delall", &[]);
+    // A reset waits up to --reply-timeout-ms for the other node's acknowledgement: give a
+    // loaded machine room.
+    let a = node(&cluster, "delall", &["--reply-timeout-ms", "10000"]);
+    let b = node(&cluster, "delall", &["--reply-timeout-ms", "10000"]);
     let reference = Reference::new(13);
     let sent_a = send_events(a.udp, &reference.events, 1000, 2, 1);
     let sent_b = send_events(b.udp, &reference.events, 1000, 2, 2);
@@ -225,8 +228,8 @@ fn delete_one_app_on_one_node_clears_it_on_every_node() {
     let Some(cluster) = RedisCluster::start("delete_app", Shape::THREE_PRIMARIES) else {
         return;
     };
-    let a = node(&cluster, "delapp", &[]);
-    let b = node(&cluster, "delapp", &[]);
+    let a = node(&cluster, "delapp", &["--reply-timeout-ms", "10000"]);
+    let b = node(&cluster, "delapp", &["--reply-timeout-ms", "10000"]);
     let reference = Reference::new(14);
     let sent_a = send_events(a.udp, &reference.events, 1000, 2, 1);
     let sent_b = send_events(b.udp, &reference.events, 1000, 2, 2);

@@ -166,40 +166,19 @@ fn slow_readers_are_closed_and_free_their_connections() {
     for stream in &mut slow {
         assert!(closed_by_server(stream));
     }
+    // Each was closed for not reading; on a loaded machine one whose pipelined requests the
+    // gate had not all read within the deadline is closed as a slow request instead.
     let metrics = server.get("/metrics").text();
-    assert_eq!(
+    let refused = |reason: &str| {
         labelled_metric(
             &metrics,
             "ipevents_http_refused_total",
-            "reason=\"slow_reader\""
-        ),
-        Some(4)
-    );
-}
-
-/// Reads one response from `reader`; returns (status line, body).
-fn read_response(reader: &mut BufReader<TcpStream>) -> (String, String) {
-    let mut status_line = String::new();
-    reader.read_line(&mut status_line).unwrap();
-    let mut length = 0;
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        if line.trim_end().is_empty() {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':') {
-            if name.eq_ignore_ascii_case("content-length") {
-                length = value.trim().parse().unwrap();
-            }
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).unwrap();
-    (
-        status_line.trim_end().to_owned(),
-        String::from_utf8_lossy(&body).into_owned(),
-    )
+            &format!("reason=\"{reason}\""),
+        )
+        .unwrap_or(0)
+    };
+    assert!(refused("slow_reader") >= 1, "{metrics}");
+    assert_eq!(refused("slow_reader") + refused("timeout"), 4, "{metrics}");
 }
 
 /// Issue 11, item 5: what a hostile or merely unusual client sends, and what it must get.
@@ -266,7 +245,7 @@ fn http_edge_cases_get_the_answers_the_rfcs_ask_for() {
     reader.read_line(&mut line).unwrap();
     assert_eq!(line, "\r\n");
     reader.get_mut().write_all(&event).unwrap();
-    let (status, _) = read_response(&mut reader);
+    let (status, _) = support::read_response_line(&mut reader);
     assert_eq!(status, "HTTP/1.1 204 No Content");
     assert_eq!(server.answer(&sha)["count"], 2);
 
@@ -286,7 +265,7 @@ fn http_edge_cases_get_the_answers_the_rfcs_ask_for() {
     stream
         .write_all(b"GET /\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n")
         .unwrap();
-    let (status, body) = read_response(&mut BufReader::new(stream));
+    let (status, body) = support::read_response_line(&mut BufReader::new(stream));
     assert_eq!(status, "HTTP/1.1 400 Bad Request", "{body}");
     assert_eq!(healthz(server.http), Ok(200));
 }
@@ -526,7 +505,7 @@ fn a_reset_under_cpu_contention_reads_the_whole_queue() {
         .unwrap();
     let hogs = Hogs::start(0, 6);
     server.signal("CONT");
-    let (status, body) = read_response(&mut BufReader::new(reset));
+    let (status, body) = support::read_response_line(&mut BufReader::new(reset));
     drop(hogs);
     assert_eq!(status, "HTTP/1.1 204 No Content", "{body}");
     assert_eq!(

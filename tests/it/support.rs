@@ -132,17 +132,7 @@ impl Server {
     /// Waits for the process to exit by itself.
     pub fn wait_exit(mut self) -> Exit {
         let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + DEADLINE;
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("server did not exit within {DEADLINE:?}");
-            }
-            thread::sleep(Duration::from_millis(10));
-        };
+        let status = wait_with_deadline(&mut child, "the server");
         let stdout = self.stdout.take().unwrap().join().unwrap();
         let stderr: Vec<String> = self.stderr.try_iter().collect();
         Exit {
@@ -231,22 +221,28 @@ pub fn run_to_exit_with_env(args: &[&str], env: &[(&str, &str)]) -> Exit {
     };
     let stdout = read_all(Box::new(child.stdout.take().unwrap()));
     let stderr = read_all(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{args:?} did not exit within {DEADLINE:?}");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_with_deadline(&mut child, &format!("{args:?}"));
     Exit {
         status,
         stdout: stdout.join().unwrap(),
         stderr: stderr.join().unwrap(),
+    }
+}
+
+/// Waits for `child` to exit by itself; past [`DEADLINE`] kills it by its PID and fails the
+/// test, naming `what`.
+fn wait_with_deadline(child: &mut Child, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within {DEADLINE:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -322,6 +318,31 @@ impl Response {
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
+}
+
+/// Reads one response from a connection that may carry more; returns (status line, body).
+pub fn read_response_line(reader: &mut BufReader<TcpStream>) -> (String, String) {
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).unwrap();
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line.trim_end().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap();
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    (
+        status_line.trim_end().to_owned(),
+        String::from_utf8_lossy(&body).into_owned(),
+    )
 }
 
 /// One HTTP/1.1 request on a fresh connection.
