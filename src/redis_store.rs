@@ -247,31 +247,15 @@ impl fmt::Display for StoreError {
     }
 }
 
-macro_rules! error_kinds {
-    ($($variant:ident => $label:literal),* $(,)?) => {
-        /// Why a store operation failed.
-        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-        pub enum StoreErrorKind { $($variant),* }
-
-        impl StoreErrorKind {
-            pub const ALL: [StoreErrorKind; [$($label),*].len()] = [$(StoreErrorKind::$variant),*];
-
-            pub fn as_str(self) -> &'static str {
-                match self { $(StoreErrorKind::$variant => $label),* }
-            }
-
-            pub fn index(self) -> usize {
-                self as usize
-            }
-        }
-    };
-}
-
-error_kinds! {
-    Timeout => "timeout",
-    Connection => "connection",
-    Cluster => "cluster",
-    Refused => "refused",
+labelled_enum! {
+    /// Why a store operation failed: the `kind` label of the store's error counters.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum StoreErrorKind {
+        Timeout => "timeout",
+        Connection => "connection",
+        Cluster => "cluster",
+        Refused => "refused",
+    }
 }
 
 impl StoreError {

@@ -82,6 +82,24 @@ fn combine(parts: &[&BTreeMap<usize, Sent>]) -> BTreeMap<usize, Sent> {
     total
 }
 
+/// Sends `counts` (to `a`, to `b`) events of the reference traffic from two sockets each, and
+/// waits until both nodes count everything sent; returns what was sent, per app.
+fn send_to_both(
+    reference: &Reference,
+    (a, b): (&Server, &Server),
+    counts: (usize, usize),
+    seed: u64,
+) -> BTreeMap<usize, Sent> {
+    let sent_a = send_events(a.udp, &reference.events, counts.0, 2, seed);
+    let sent_b = send_events(b.udp, &reference.events, counts.1, 2, seed + 1);
+    let total = combine(&[&sent_a, &sent_b]);
+    for (app, sent) in &total {
+        wait_for_count(a, &reference.apps[*app], sent.count);
+        wait_for_count(b, &reference.apps[*app], sent.count);
+    }
+    total
+}
+
 fn post(server: &Server, sha: &str, ip: u32) {
     let response = server.request(
         "POST",
@@ -183,13 +201,7 @@ fn delete_all_on_one_node_clears_every_node() {
     let a = node(&cluster, "delall", &["--reply-timeout-ms", "10000"]);
     let b = node(&cluster, "delall", &["--reply-timeout-ms", "10000"]);
     let reference = Reference::new(13);
-    let sent_a = send_events(a.udp, &reference.events, 1000, 2, 1);
-    let sent_b = send_events(b.udp, &reference.events, 1000, 2, 2);
-    let total = combine(&[&sent_a, &sent_b]);
-    for (app, sent) in &total {
-        wait_for_count(&a, &reference.apps[*app], sent.count);
-        wait_for_count(&b, &reference.apps[*app], sent.count);
-    }
+    send_to_both(&reference, (&a, &b), (1000, 1000), 1);
     let old_keys = |cluster: &RedisCluster| -> usize {
         cluster
             .nodes
@@ -203,13 +215,9 @@ fn delete_all_on_one_node_clears_every_node() {
     assert!(old_keys(&cluster) > 0, "the first epoch's keys are there");
     delete(&a, "/events");
     // Every live node applied the reset before the 204, so what is sent right after it
-    // counts, on the other node too, and nothing from before is left.
-    let again_b = send_events(b.udp, &reference.events, 400, 2, 4);
-    let again_a = send_events(a.udp, &reference.events, 300, 2, 3);
-    let again = combine(&[&again_a, &again_b]);
+    // counts, on the other node too (sent to first), and nothing from before is left.
+    let again = send_to_both(&reference, (&b, &a), (400, 300), 3);
     for (app, sent) in &again {
-        wait_for_count(&a, &reference.apps[*app], sent.count);
-        wait_for_count(&b, &reference.apps[*app], sent.count);
         check_reference_answer(&reference, sent, &b.answer(&reference.apps[*app]));
     }
     // The old epoch's keys are deleted in the background.
@@ -231,13 +239,7 @@ fn delete_one_app_on_one_node_clears_it_on_every_node() {
     let a = node(&cluster, "delapp", &["--reply-timeout-ms", "10000"]);
     let b = node(&cluster, "delapp", &["--reply-timeout-ms", "10000"]);
     let reference = Reference::new(14);
-    let sent_a = send_events(a.udp, &reference.events, 1000, 2, 1);
-    let sent_b = send_events(b.udp, &reference.events, 1000, 2, 2);
-    let total = combine(&[&sent_a, &sent_b]);
-    for (app, sent) in &total {
-        wait_for_count(&b, &reference.apps[*app], sent.count);
-        wait_for_count(&a, &reference.apps[*app], sent.count);
-    }
+    let total = send_to_both(&reference, (&a, &b), (1000, 1000), 1);
     let gone = &reference.apps[0];
     delete(&b, &format!("/events/{gone}"));
     // Events right after the reset count, on both nodes (every live node applied the reset
