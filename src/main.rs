@@ -7,6 +7,17 @@ use std::process::ExitCode;
 use clap::Parser;
 use log::Level;
 
+#[cfg(all(feature = "alloc-mimalloc", feature = "alloc-jemalloc"))]
+compile_error!("choose one allocator: alloc-mimalloc or alloc-jemalloc");
+
+#[cfg(feature = "alloc-mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(feature = "alloc-jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     init_logging();
     let config = ipevents::config::Config::parse();
