@@ -91,8 +91,22 @@ impl Cluster {
     }
 
     /// Forgets every app on every worker, including datagrams queued before the reset.
+    ///
+    /// Each worker drains its socket, hands over its table and holds still; with every table
+    /// in hand, the app register is cleared in one step and the workers carry on. The old
+    /// tables are freed on the reclaiming thread, so the answer does not wait for a million
+    /// apps to be freed one by one.
     pub fn reset_all(&self) -> Result<(), Unavailable> {
-        self.ask_all(|reply| Command::ResetAll { reply }).map(drop)
+        let (resume, hold) = crossbeam_channel::bounded::<()>(0);
+        let tables = self.ask_all(|reply| Command::ResetAll {
+            reply,
+            resume: hold.clone(),
+        });
+        // A worker that did not answer in time still holds its table, counted in the budget:
+        // the tables already handed over then give their apps back one by one as they drop.
+        let result = tables.map(|tables| reclaim::free(self.budget.clear(tables)));
+        drop(resume);
+        result
     }
 
     /// Forgets one app on every worker.
@@ -148,5 +162,53 @@ impl Cluster {
             "worker {index} did not answer within {} ms",
             self.reply_timeout.as_millis()
         ))
+    }
+}
+
+/// The thread that frees what resets took out of the tables, off the data path and the HTTP
+/// thread, and then hands the freed memory back to the operating system.
+mod reclaim {
+    use std::sync::OnceLock;
+    use std::thread;
+
+    use crossbeam_channel::Sender;
+
+    use crate::socket;
+    use crate::store::Freed;
+
+    /// Frees `freed` on the reclaiming thread (started at the first reset); here when the
+    /// thread cannot be started.
+    pub fn free(freed: Freed) {
+        static RECLAIMER: OnceLock<Option<Sender<Freed>>> = OnceLock::new();
+        let reclaimer = RECLAIMER.get_or_init(|| {
+            let (sender, freeing) = crossbeam_channel::unbounded::<Freed>();
+            let spawned = thread::Builder::new()
+                .name("reclaim".into())
+                .spawn(move || {
+                    let _ = socket::lower_thread_priority();
+                    for freed in freeing.iter() {
+                        drop(freed);
+                        // Once the queue is empty: a burst of resets trims once.
+                        if freeing.is_empty() {
+                            socket::release_free_memory();
+                        }
+                    }
+                });
+            match spawned {
+                Ok(_) => Some(sender),
+                Err(e) => {
+                    log::warn!("cannot start the reclaiming thread ({e}); resets free inline");
+                    None
+                }
+            }
+        });
+        match reclaimer {
+            Some(sender) => {
+                if let Err(unsent) = sender.send(freed) {
+                    drop(unsent.into_inner());
+                }
+            }
+            None => drop(freed),
+        }
     }
 }

@@ -6,6 +6,8 @@
 //! dependency order:
 //!
 //! - [`wire`]: the datagram format; parse and validate a datagram into an `Event`.
+//! - [`keyed_hash`]: the tables' keyed hash, and the shards it splits the apps into.
+//! - [`ip_set`]: one app's IPs and their counts, in the layout that fits their number.
 //! - [`store`]: a worker's app table, partial answers, merge and classification.
 //! - [`socket`]: socket set-up, recvmmsg/sendmmsg, steering, kernel counters (all the unsafe).
 //! - [`process`]: the process's own figures from /proc, for `/metrics`.
@@ -64,6 +66,8 @@ macro_rules! labelled_enum {
 }
 
 pub mod wire;
+pub mod keyed_hash;
+pub mod ip_set;
 pub mod store;
 pub mod socket;
 pub mod process;

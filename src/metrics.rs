@@ -248,15 +248,15 @@ pub fn render(stats: &Stats) -> String {
         &mut out,
         "apps_tracked",
         "gauge",
-        "App entries held by the workers; an app seen by k workers counts k times.",
-        stats.app_entries,
+        "Distinct apps held by at least one worker: what --max-apps caps.",
+        stats.apps_distinct,
     );
     single(
         &mut out,
-        "apps_distinct",
+        "app_entries",
         "gauge",
-        "Distinct apps held by at least one worker: what --max-apps caps.",
-        stats.apps_distinct,
+        "App entries held by the workers; an app held by k workers counts k times.",
+        stats.app_entries,
     );
     single(
         &mut out,

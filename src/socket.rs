@@ -337,6 +337,22 @@ pub fn lower_thread_priority() -> io::Result<()> {
     }
 }
 
+/// Hands the heap's free pages back to the operating system (glibc's `malloc_trim`), after a
+/// reset has freed a large table. glibc keeps freed memory in its arenas otherwise, and the
+/// process's RSS would not go down. The other allocators the server can be built with give
+/// pages back on their own.
+pub fn release_free_memory() {
+    #[cfg(all(
+        target_env = "gnu",
+        not(feature = "alloc-mimalloc"),
+        not(feature = "alloc-jemalloc")
+    ))]
+    // SAFETY: malloc_trim only walks and trims glibc's own arenas, under their locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// CPU time the calling thread has used. It stands still while the thread waits for a CPU,
 /// which is what lets a budget of it survive contention with other processes.
 pub fn thread_cpu_time() -> io::Result<Duration> {

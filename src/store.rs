@@ -1,268 +1,21 @@
 //! Per-worker aggregation: the [`AppTable`] each worker owns, the [`Partial`] answers it
 //! gives for one app, and the merge and classification that turn partials into a [`Verdict`].
 //!
-//! Pure data structures: no I/O, no logging. The only shared state is the [`AppBudget`]: a
-//! count of distinct apps and a sharded register of who holds them, touched when a worker
-//! has no entry for an app (to create one) and when an entry is freed, never for an event of
-//! an app the worker holds.
+//! Pure data structures: no I/O, no logging. The only shared state is the [`AppBudget`]: the
+//! server-wide [`AppHasher`], a count of distinct apps and a sharded register of who holds
+//! them, touched when a worker has no entry for an app (to create one) and when an entry is
+//! freed, never for an event of an app the worker holds.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use smallvec::SmallVec;
+use hashbrown::HashTable;
 
+use crate::ip_set::IpSet;
+use crate::keyed_hash::{AppHasher, SHARDS};
 use crate::wire::{AppKey, Event};
-
-/// The keyed hash of the worker's tables: foldhash (its "quality" variant), seeded from the
-/// operating system's randomness, at least 128 bits of secret per table.
-///
-/// Anyone can send any sha, and with `--max-ips-per-app` up to 4096 any IPs, so the hash must
-/// not let keys chosen in advance collide. Every 64-bit word of the key is XORed with
-/// secret seed material before a full 64 x 64 -> 128-bit multiply whose halves are folded
-/// together, so which keys collide depends on seeds an attacker never sees: no answer,
-/// metric or log reveals a hash or a table's order (answers are sorted), and every table of
-/// every start has its own seed. foldhash does not claim resistance against an attacker who
-/// recovers the seed by timing a long-running server; SipHash-1-3 (std's default) resists
-/// that better, at several times the cost on 32 bytes (see the README's Performance). The
-/// caps (`--max-apps`, `--max-ips-per-app`) bound what any collision could cost.
-#[derive(Clone, Debug)]
-pub struct KeyedHash(foldhash::quality::SeedableRandomState);
-
-impl KeyedHash {
-    pub fn new() -> KeyedHash {
-        // std's RandomState draws its keys from the operating system (getrandom); foldhash's
-        // own random state draws from addresses and the clock, which is weaker.
-        static SHARED_SEED: OnceLock<foldhash::SharedSeed> = OnceLock::new();
-        let shared = SHARED_SEED.get_or_init(|| foldhash::SharedSeed::from_u64(os_random_u64()));
-        KeyedHash(foldhash::quality::SeedableRandomState::with_seed(
-            os_random_u64(),
-            shared,
-        ))
-    }
-}
-
-impl Default for KeyedHash {
-    fn default() -> KeyedHash {
-        KeyedHash::new()
-    }
-}
-
-impl BuildHasher for KeyedHash {
-    type Hasher = foldhash::quality::FoldHasher;
-
-    fn build_hasher(&self) -> Self::Hasher {
-        self.0.build_hasher()
-    }
-}
-
-/// 64 bits from std's `RandomState`, whose keys come from the operating system's randomness.
-fn os_random_u64() -> u64 {
-    RandomState::new().hash_one(0u64)
-}
-
-/// An app whose distinct IPs fit in this many entries keeps them in a flat vector, searched
-/// linearly (at most 192 bytes, three cache lines); this keeps the 16-IP apps of the memory
-/// benchmark at 12 bytes a pair.
-const FLAT_IPS_MAX: usize = 16;
-
-/// Past [`FLAT_IPS_MAX`], an app's IPs go into an open-addressed table of at most this many
-/// slots, kept at most three quarters full; past that, into a hash map.
-const HASHED_SLOTS_MAX: usize = 64;
-
-/// One observed IP of an app and how many events named it.
-///
-/// Packed to 12 bytes: this is the unit of memory per (app, ip) pair, and the padding of an
-/// aligned `u64` would cost a quarter more.
-#[derive(Clone, Copy, Debug)]
-#[repr(C, packed(4))]
-struct IpCount {
-    ip: u32,
-    events: u64,
-}
-
-/// The IPs of one app: inline for the common app with one or two IPs, a flat vector up to
-/// [`FLAT_IPS_MAX`], an open-addressed table of up to [`HASHED_SLOTS_MAX`] slots, a hash map
-/// beyond.
-#[derive(Debug)]
-enum IpSet {
-    Flat(SmallVec<[IpCount; 2]>),
-    Hashed(HashedIps),
-    // Boxed, so that the rare large app does not make every app's entry as big as a map.
-    #[allow(clippy::box_collection)]
-    Map(Box<HashMap<u32, u64, KeyedHash>>),
-}
-
-/// An app's IPs in a power-of-two number of slots (16 to [`HASHED_SLOTS_MAX`]) with linear
-/// probing, for apps like the reference client's with a few dozen IPs: an event finds its IP
-/// in one or two probes, in one cache line, where a flat vector would compare a dozen on
-/// average. A bit per slot says which slots are taken, so that no IP value is reserved. The
-/// slot comes from an unkeyed multiplicative hash: the table holds at most 48 IPs, so keys
-/// chosen to collide cost at most a scan of 64 slots, as much as a flat search.
-#[derive(Debug)]
-struct HashedIps {
-    slots: Box<[IpCount]>,
-    occupied: u64,
-}
-
-impl HashedIps {
-    fn with_slots(slots: usize) -> HashedIps {
-        debug_assert!(slots.is_power_of_two() && slots <= HASHED_SLOTS_MAX);
-        HashedIps {
-            slots: vec![IpCount { ip: 0, events: 0 }; slots].into_boxed_slice(),
-            occupied: 0,
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.occupied.count_ones() as usize
-    }
-
-    /// Whether one more IP would pass three quarters of the slots.
-    fn is_full(&self) -> bool {
-        (self.len() + 1) * 4 > self.slots.len() * 3
-    }
-
-    /// The slot holding `ip`, or the free slot where it would go. The table is never full, so
-    /// the probe ends.
-    fn find(&self, ip: u32) -> Result<usize, usize> {
-        let mask = self.slots.len() - 1;
-        // Fibonacci hashing: the top bits of the product, spread evenly even for the runs of
-        // consecutive addresses that a home block is made of.
-        let bits = self.slots.len().trailing_zeros();
-        let mut slot = (ip.wrapping_mul(0x9e37_79b9) >> (32 - bits)) as usize;
-        loop {
-            if self.occupied & (1 << slot) == 0 {
-                return Err(slot);
-            }
-            if self.slots[slot].ip == ip {
-                return Ok(slot);
-            }
-            slot = (slot + 1) & mask;
-        }
-    }
-
-    /// Puts a new IP in its free slot; the caller checked that it is absent and that the
-    /// table is not full.
-    fn insert_new(&mut self, slot: usize, ip: u32, events: u64) {
-        self.slots[slot] = IpCount { ip, events };
-        self.occupied |= 1 << slot;
-    }
-
-    fn iter(&self) -> impl Iterator<Item = IpCount> + '_ {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|&(slot, _)| self.occupied & (1 << slot) != 0)
-            .map(|(_, &entry)| entry)
-    }
-
-    /// The same IPs in a table of `slots` slots.
-    fn rehashed(entries: impl Iterator<Item = IpCount>, slots: usize) -> HashedIps {
-        let mut table = HashedIps::with_slots(slots);
-        for entry in entries {
-            match table.find(entry.ip) {
-                Err(slot) => table.insert_new(slot, entry.ip, entry.events),
-                Ok(_) => unreachable!("the IPs of a set are distinct"),
-            }
-        }
-        table
-    }
-}
-
-impl IpSet {
-    fn len(&self) -> usize {
-        match self {
-            IpSet::Flat(ips) => ips.len(),
-            IpSet::Hashed(ips) => ips.len(),
-            IpSet::Map(ips) => ips.len(),
-        }
-    }
-
-    /// Adds one event for `ip`; returns false, changing nothing, when `ip` is new and the set
-    /// already holds `max_ips`.
-    fn add(&mut self, ip: u32, events: u64, max_ips: usize) -> bool {
-        match self {
-            IpSet::Flat(ips) => {
-                if let Some(entry) = ips.iter_mut().find(|entry| entry.ip == ip) {
-                    entry.events = entry.events.saturating_add(events);
-                    return true;
-                }
-                if ips.len() >= max_ips {
-                    return false;
-                }
-                if ips.len() < FLAT_IPS_MAX {
-                    ips.push(IpCount { ip, events });
-                    return true;
-                }
-                let mut table = HashedIps::rehashed(ips.iter().copied(), 2 * FLAT_IPS_MAX);
-                let slot = table.find(ip).expect_err("checked absent above");
-                table.insert_new(slot, ip, events);
-                *self = IpSet::Hashed(table);
-                true
-            }
-            IpSet::Hashed(table) => {
-                let slot = match table.find(ip) {
-                    Ok(slot) => {
-                        let entry = &mut table.slots[slot];
-                        entry.events = entry.events.saturating_add(events);
-                        return true;
-                    }
-                    Err(slot) => slot,
-                };
-                if table.len() >= max_ips {
-                    return false;
-                }
-                if !table.is_full() {
-                    table.insert_new(slot, ip, events);
-                    return true;
-                }
-                let slots = table.slots.len() * 2;
-                if slots <= HASHED_SLOTS_MAX {
-                    let mut grown = HashedIps::rehashed(table.iter(), slots);
-                    let slot = grown.find(ip).expect_err("checked absent above");
-                    grown.insert_new(slot, ip, events);
-                    *table = grown;
-                    return true;
-                }
-                let mut map = HashMap::with_capacity_and_hasher(2 * table.len(), KeyedHash::new());
-                map.extend(table.iter().map(|e| (e.ip, e.events)));
-                map.insert(ip, events);
-                *self = IpSet::Map(Box::new(map));
-                true
-            }
-            IpSet::Map(ips) => {
-                if let Some(count) = ips.get_mut(&ip) {
-                    *count = count.saturating_add(events);
-                    return true;
-                }
-                if ips.len() >= max_ips {
-                    return false;
-                }
-                ips.insert(ip, events);
-                true
-            }
-        }
-    }
-
-    fn to_vec(&self) -> Vec<(u32, u64)> {
-        match self {
-            IpSet::Flat(ips) => ips.iter().map(|e| (e.ip, e.events)).collect(),
-            IpSet::Hashed(ips) => ips.iter().map(|e| (e.ip, e.events)).collect(),
-            IpSet::Map(ips) => ips.iter().map(|(&ip, &events)| (ip, events)).collect(),
-        }
-    }
-}
-
-/// What one worker knows about one app.
-#[derive(Debug)]
-struct AppState {
-    events: u64,
-    ips: IpSet,
-    ips_truncated: bool,
-}
 
 /// Caps that bound what the network can make the server hold.
 #[derive(Clone, Copy, Debug)]
@@ -271,43 +24,49 @@ pub struct Limits {
     pub max_ips_per_app: usize,
 }
 
-/// Shards of the app register: enough that workers creating entries at the same time rarely
-/// meet on one lock.
-const REGISTER_SHARDS: usize = 64;
+/// One app in the register, and how many workers hold an entry for it.
+#[derive(Debug)]
+struct Holders {
+    app: AppKey,
+    workers: u32,
+}
 
-/// The server-wide cap on distinct apps, shared by all workers, and the register of which
-/// apps some worker holds an entry for.
+/// The server-wide cap on distinct apps, shared by all workers, the register of which apps
+/// some worker holds an entry for, and the hasher every table shares.
 ///
 /// The cap counts apps, not entries: an app seen by k workers takes one unit of the budget and
 /// k entries. A worker that has no entry for an app asks the register whether another worker
 /// tracks it; if one does, the worker creates its entry whatever the budget, so that an app
 /// once tracked never loses an event to the cap, whichever worker the kernel steers it to.
 /// The register is touched only on that miss and when an entry is freed; an event for an app
-/// the worker already holds touches nothing shared.
+/// the worker already holds touches nothing shared. The register is sharded like the tables,
+/// by the same hash, so a worker hashes an app once for both.
 #[derive(Debug)]
 pub struct AppBudget {
     max_apps: usize,
+    hasher: AppHasher,
     /// Distinct apps held by at least one worker.
     apps: AtomicUsize,
     /// App entries held by all workers together: an app seen by k workers counts k times.
     entries: AtomicUsize,
-    /// For every tracked app, how many workers hold an entry for it.
-    holders: Box<[Mutex<HashMap<AppKey, u32>>]>,
-    /// Picks an app's shard; randomly keyed, since anyone can choose the shas.
-    shard_hasher: RandomState,
+    /// For every tracked app, how many workers hold an entry for it; one lock per shard.
+    holders: Box<[Mutex<HashTable<Holders>>]>,
 }
 
 impl AppBudget {
     pub fn new(max_apps: usize) -> AppBudget {
         AppBudget {
             max_apps,
+            hasher: AppHasher::new(),
             apps: AtomicUsize::new(0),
             entries: AtomicUsize::new(0),
-            holders: (0..REGISTER_SHARDS)
-                .map(|_| Mutex::new(HashMap::new()))
-                .collect(),
-            shard_hasher: RandomState::new(),
+            holders: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
         }
+    }
+
+    /// The hasher of every table that shares this budget.
+    pub fn hasher(&self) -> &AppHasher {
+        &self.hasher
     }
 
     /// Distinct apps held by the workers together: what the cap counts.
@@ -322,23 +81,23 @@ impl AppBudget {
 
     /// How many workers hold an entry for `app`. For tests and fuzzing.
     pub fn holders(&self, app: &AppKey) -> u32 {
-        self.shard(app).get(app).copied().unwrap_or(0)
+        let hash = self.hasher.hash(app);
+        self.shard(hash)
+            .find(hash, |h| h.app == *app)
+            .map_or(0, |h| h.workers)
     }
 
-    fn shard_index(&self, app: &AppKey) -> usize {
-        (self.shard_hasher.hash_one(app) as usize) % REGISTER_SHARDS
+    fn shard(&self, hash: u64) -> MutexGuard<'_, HashTable<Holders>> {
+        lock(&self.holders[self.hasher.shard(hash)])
     }
 
-    fn shard(&self, app: &AppKey) -> MutexGuard<'_, HashMap<AppKey, u32>> {
-        lock(&self.holders[self.shard_index(app)])
-    }
-
-    /// Registers one more entry for `app`: always when another worker tracks it already, else
-    /// only while fewer than `max_apps` apps are tracked. Returns false when it is refused.
-    fn join(&self, app: &AppKey) -> bool {
-        let mut shard = self.shard(app);
-        if let Some(holders) = shard.get_mut(app) {
-            *holders += 1;
+    /// Registers one more entry for `app` (of keyed hash `hash`): always when another worker
+    /// tracks it already, else only while fewer than `max_apps` apps are tracked. Returns
+    /// false when it is refused.
+    fn join(&self, app: &AppKey, hash: u64) -> bool {
+        let mut shard = self.shard(hash);
+        if let Some(holders) = shard.find_mut(hash, |h| h.app == *app) {
+            holders.workers += 1;
             self.entries.fetch_add(1, Ordering::Relaxed);
             return true;
         }
@@ -350,39 +109,80 @@ impl AppBudget {
             })
             .is_ok();
         if taken {
-            shard.insert(*app, 1);
+            shard.insert_unique(
+                hash,
+                Holders {
+                    app: *app,
+                    workers: 1,
+                },
+                |h| self.hasher.hash(&h.app),
+            );
             self.entries.fetch_add(1, Ordering::Relaxed);
         }
         taken
     }
 
     /// Unregisters one entry for `app`; the app leaves the budget with its last entry.
-    fn leave(&self, app: &AppKey) {
-        let mut shard = self.shard(app);
-        self.leave_locked(&mut shard, app);
+    fn leave(&self, app: &AppKey, hash: u64) {
+        let mut shard = self.shard(hash);
+        self.leave_locked(&mut shard, app, hash);
     }
 
-    /// Unregisters one entry for each of `apps`, taking every shard's lock once, in order,
-    /// rather than once per app.
-    fn leave_all<'a>(&self, apps: impl Iterator<Item = &'a AppKey>) {
-        let mut shards: Vec<_> = self.holders.iter().map(lock).collect();
-        for app in apps {
-            let index = self.shard_index(app);
-            self.leave_locked(&mut shards[index], app);
+    /// Unregisters one entry for every app of a table's shards, taking each register shard's
+    /// lock once, in order, rather than once per app.
+    fn leave_all(&self, shards: &[HashTable<AppEntry>]) {
+        for (index, apps) in shards.iter().enumerate() {
+            if apps.is_empty() {
+                continue;
+            }
+            let mut shard = lock(&self.holders[index]);
+            for entry in apps {
+                let hash = self.hasher.hash(&entry.app);
+                self.leave_locked(&mut shard, &entry.app, hash);
+            }
         }
     }
 
-    fn leave_locked(&self, shard: &mut HashMap<AppKey, u32>, app: &AppKey) {
-        let Some(holders) = shard.get_mut(app) else {
+    fn leave_locked(&self, shard: &mut HashTable<Holders>, app: &AppKey, hash: u64) {
+        let Ok(mut found) = shard.find_entry(hash, |h| h.app == *app) else {
             return;
         };
-        *holders -= 1;
+        let holders = found.get_mut();
+        holders.workers -= 1;
         self.entries.fetch_sub(1, Ordering::Relaxed);
-        if *holders == 0 {
-            shard.remove(app);
+        if holders.workers == 0 {
+            found.remove();
             self.apps.fetch_sub(1, Ordering::Relaxed);
         }
     }
+
+    /// Forgets every app of every worker at once, for a reset: `tables` must be every table
+    /// that shares this budget, taken from workers that hold still until this returns. The
+    /// tables are left out of the budget (dropping them gives nothing back twice), and what
+    /// they and the register held is returned, to be freed off the data path.
+    pub fn clear(&self, tables: Vec<AppTable>) -> Freed {
+        let mut freed = Freed {
+            tables,
+            register: Vec::with_capacity(SHARDS),
+        };
+        for table in &mut freed.tables {
+            table.registered = false;
+        }
+        for shard in self.holders.iter() {
+            freed.register.push(std::mem::take(&mut *lock(shard)));
+        }
+        self.apps.store(0, Ordering::Relaxed);
+        self.entries.store(0, Ordering::Relaxed);
+        freed
+    }
+}
+
+/// What a reset took out of the tables and the register: dropping it frees the memory, which
+/// for a million apps takes tens of milliseconds, so it is dropped on another thread.
+#[derive(Debug)]
+pub struct Freed {
+    tables: Vec<AppTable>,
+    register: Vec<HashTable<Holders>>,
 }
 
 /// Locks a shard of the register. A worker that panicked while holding it left the map
@@ -404,83 +204,155 @@ pub enum Applied {
     AppDropped,
 }
 
-/// One worker's map of apps. Owned by exactly one thread.
+/// The top bit of an entry's count says that some of its IPs were not stored.
+const IPS_TRUNCATED: u64 = 1 << 63;
+
+/// What one worker knows about one app: 64 bytes, the unit of memory per app in a table.
+#[derive(Debug)]
+struct AppEntry {
+    app: AppKey,
+    /// Events counted, below [`IPS_TRUNCATED`]; that bit set when IPs were dropped.
+    events_and_flag: u64,
+    ips: IpSet,
+}
+
+impl AppEntry {
+    fn new(app: AppKey, ip: u32, events: u64) -> AppEntry {
+        AppEntry {
+            app,
+            events_and_flag: events.min(IPS_TRUNCATED - 1),
+            ips: IpSet::new(ip, events),
+        }
+    }
+
+    /// An app with no events yet, for a restore to add to.
+    fn empty(app: AppKey) -> AppEntry {
+        AppEntry {
+            app,
+            events_and_flag: 0,
+            ips: IpSet::Empty,
+        }
+    }
+
+    fn events(&self) -> u64 {
+        self.events_and_flag & !IPS_TRUNCATED
+    }
+
+    fn ips_truncated(&self) -> bool {
+        self.events_and_flag & IPS_TRUNCATED != 0
+    }
+
+    fn add_events(&mut self, events: u64) {
+        let flag = self.events_and_flag & IPS_TRUNCATED;
+        let sum = self.events().saturating_add(events).min(IPS_TRUNCATED - 1);
+        self.events_and_flag = sum | flag;
+    }
+
+    fn mark_truncated(&mut self) {
+        self.events_and_flag |= IPS_TRUNCATED;
+    }
+
+    fn partial(&self) -> Partial {
+        Partial {
+            events: self.events(),
+            ips: self.ips.pairs(),
+            ips_truncated: self.ips_truncated(),
+        }
+    }
+}
+
+/// One worker's apps, in [`SHARDS`] hash tables that each grow on their own. Owned by exactly
+/// one thread.
 #[derive(Debug)]
 pub struct AppTable {
-    apps: HashMap<AppKey, AppState, KeyedHash>,
+    shards: Box<[HashTable<AppEntry>]>,
+    len: usize,
     limits: Limits,
-    budget: std::sync::Arc<AppBudget>,
+    budget: Arc<AppBudget>,
+    /// Whether the budget counts this table's apps; a reset clears the budget in one step and
+    /// then drops the old tables without giving their apps back one by one.
+    registered: bool,
 }
 
 impl AppTable {
-    pub fn new(limits: Limits, budget: std::sync::Arc<AppBudget>) -> AppTable {
+    pub fn new(limits: Limits, budget: Arc<AppBudget>) -> AppTable {
         AppTable {
-            apps: HashMap::with_hasher(KeyedHash::new()),
+            shards: (0..SHARDS).map(|_| HashTable::new()).collect(),
+            len: 0,
             limits,
             budget,
+            registered: true,
         }
     }
 
     /// Counts one event.
+    #[inline]
     pub fn apply(&mut self, event: Event) -> Applied {
         let max_ips = self.limits.max_ips_per_app;
-        if let Some(state) = self.apps.get_mut(&event.app) {
-            state.events = state.events.saturating_add(1);
-            if state.ips.add(event.ip, 1, max_ips) {
+        let hasher = self.budget.hasher();
+        let hash = hasher.hash(&event.app);
+        let shard = &mut self.shards[hasher.shard(hash)];
+        if let Some(entry) = shard.find_mut(hash, |e| e.app == event.app) {
+            entry.add_events(1);
+            if entry.ips.add(event.ip, 1, max_ips) {
                 return Applied::Stored;
             }
-            state.ips_truncated = true;
+            entry.mark_truncated();
             return Applied::IpDropped;
         }
-        if !self.budget.join(&event.app) {
+        if !self.budget.join(&event.app, hash) {
             return Applied::AppDropped;
         }
-        let mut ips = SmallVec::new();
-        ips.push(IpCount {
-            ip: event.ip,
-            events: 1,
+        shard.insert_unique(hash, AppEntry::new(event.app, event.ip, 1), |e| {
+            hasher.hash(&e.app)
         });
-        self.apps.insert(
-            event.app,
-            AppState {
-                events: 1,
-                ips: IpSet::Flat(ips),
-                ips_truncated: false,
-            },
-        );
+        self.len += 1;
         Applied::Stored
+    }
+
+    fn find(&self, app: &AppKey) -> Option<&AppEntry> {
+        let hasher = self.budget.hasher();
+        let hash = hasher.hash(app);
+        self.shards[hasher.shard(hash)].find(hash, |e| e.app == *app)
     }
 
     /// This worker's share of what the server knows about `app`.
     pub fn partial(&self, app: &AppKey) -> Partial {
-        match self.apps.get(app) {
-            None => Partial::default(),
-            Some(state) => Partial {
-                events: state.events,
-                ips: state.ips.to_vec(),
-                ips_truncated: state.ips_truncated,
-            },
-        }
+        self.find(app).map(AppEntry::partial).unwrap_or_default()
     }
 
     /// A copy of every app, for the state file.
     pub fn records(&self) -> Vec<AppRecord> {
-        self.apps
-            .keys()
-            .filter_map(|app| self.record(app))
+        (0..SHARDS)
+            .flat_map(|shard| self.shard_records(shard))
+            .collect()
+    }
+
+    /// A copy of every app of one shard: shard `i` holds the same apps on every worker that
+    /// shares the budget, so a snapshot copies and merges the apps one shard at a time.
+    pub fn shard_records(&self, shard: usize) -> Vec<AppRecord> {
+        self.shards[shard]
+            .iter()
+            .map(|entry| AppRecord {
+                app: entry.app,
+                partial: entry.partial(),
+            })
             .collect()
     }
 
     /// Every app's key, to copy the apps a few at a time.
     pub fn keys(&self) -> Vec<AppKey> {
-        self.apps.keys().copied().collect()
+        self.shards
+            .iter()
+            .flat_map(|shard| shard.iter().map(|entry| entry.app))
+            .collect()
     }
 
     /// A copy of one app, for the state file; `None` when it is gone.
     pub fn record(&self, app: &AppKey) -> Option<AppRecord> {
-        self.apps.contains_key(app).then(|| AppRecord {
+        self.find(app).map(|entry| AppRecord {
             app: *app,
-            partial: self.partial(app),
+            partial: entry.partial(),
         })
     }
 
@@ -488,19 +360,26 @@ impl AppTable {
     /// budget is spent and the app was left out. An app already present is added to.
     pub fn restore(&mut self, record: &AppRecord) -> bool {
         let max_ips = self.limits.max_ips_per_app;
-        if !self.apps.contains_key(&record.app) && !self.budget.join(&record.app) {
-            return false;
+        let hasher = self.budget.hasher();
+        let hash = hasher.hash(&record.app);
+        let shard = &mut self.shards[hasher.shard(hash)];
+        let entry = match shard.entry(hash, |e| e.app == record.app, |e| hasher.hash(&e.app)) {
+            hashbrown::hash_table::Entry::Occupied(found) => found.into_mut(),
+            hashbrown::hash_table::Entry::Vacant(slot) => {
+                if !self.budget.join(&record.app, hash) {
+                    return false;
+                }
+                self.len += 1;
+                slot.insert(AppEntry::empty(record.app)).into_mut()
+            }
+        };
+        entry.add_events(record.partial.events);
+        if record.partial.ips_truncated {
+            entry.mark_truncated();
         }
-        let state = self.apps.entry(record.app).or_insert_with(|| AppState {
-            events: 0,
-            ips: IpSet::Flat(SmallVec::new()),
-            ips_truncated: false,
-        });
-        state.events = state.events.saturating_add(record.partial.events);
-        state.ips_truncated |= record.partial.ips_truncated;
         for &(ip, events) in &record.partial.ips {
-            if !state.ips.add(ip, events, max_ips) {
-                state.ips_truncated = true;
+            if events > 0 && !entry.ips.add(ip, events, max_ips) {
+                entry.mark_truncated();
             }
         }
         true
@@ -508,11 +387,18 @@ impl AppTable {
 
     /// Forgets `app`; returns whether it was known.
     pub fn remove(&mut self, app: &AppKey) -> bool {
-        let removed = self.apps.remove(app).is_some();
-        if removed {
-            self.budget.leave(app);
+        let hasher = self.budget.hasher();
+        let hash = hasher.hash(app);
+        let shard = &mut self.shards[hasher.shard(hash)];
+        let Ok(found) = shard.find_entry(hash, |e| e.app == *app) else {
+            return false;
+        };
+        found.remove();
+        self.len -= 1;
+        if self.registered {
+            self.budget.leave(app, hash);
         }
-        removed
+        true
     }
 
     /// Hands over every app and leaves this table empty, with the same caps and budget: O(1),
@@ -524,69 +410,76 @@ impl AppTable {
 
     /// Every app, consuming the table; the app budget is given back at once.
     pub fn into_records(mut self) -> impl Iterator<Item = AppRecord> {
-        let apps = std::mem::take(&mut self.apps);
-        self.budget.leave_all(apps.keys());
-        apps.into_iter().map(|(app, state)| AppRecord {
-            app,
-            partial: Partial {
-                events: state.events,
-                ips: state.ips.to_vec(),
-                ips_truncated: state.ips_truncated,
-            },
-        })
-    }
-
-    /// Forgets every app and returns the memory to the allocator.
-    pub fn clear(&mut self) {
-        self.budget.leave_all(self.apps.keys());
-        self.apps = HashMap::with_hasher(KeyedHash::new());
+        if self.registered {
+            self.budget.leave_all(&self.shards);
+            self.registered = false;
+        }
+        let shards = std::mem::take(&mut self.shards);
+        shards
+            .into_vec()
+            .into_iter()
+            .flatten()
+            .map(|entry| AppRecord {
+                app: entry.app,
+                partial: entry.partial(),
+            })
     }
 
     /// Apps held by this table.
     pub fn len(&self) -> usize {
-        self.apps.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.apps.is_empty()
+        self.len == 0
     }
 
     /// Checks what must hold after any sequence of events: an app's IPs are distinct and
-    /// within the cap, their counts add up to the app's count unless IPs were dropped, and
-    /// the shared register holds every app. For tests and fuzzing.
+    /// within the cap, their counts add up to the app's count unless IPs were dropped, each
+    /// app is in its shard, and the shared register holds every app. For tests and fuzzing.
     pub fn check_invariants(&self) -> Result<(), String> {
-        if self.budget.used() < self.apps.len() {
-            return Err(format!(
-                "budget {} < {} apps",
-                self.budget.used(),
-                self.apps.len()
-            ));
+        if self.budget.used() < self.len {
+            return Err(format!("budget {} < {} apps", self.budget.used(), self.len));
         }
-        for (app, state) in &self.apps {
-            if self.budget.holders(app) == 0 {
-                return Err(format!("{app:?} is not in the register"));
-            }
-            let mut ips = state.ips.to_vec();
-            let stored = ips.len();
-            if stored > self.limits.max_ips_per_app || (stored == 0 && !state.ips_truncated) {
-                return Err(format!("{app:?} stores {stored} ips"));
-            }
-            ips.sort_unstable();
-            ips.dedup_by_key(|(ip, _)| *ip);
-            if ips.len() != stored {
-                return Err(format!("{app:?} stores an ip twice"));
-            }
-            let ip_events: u64 = ips.iter().map(|&(_, events)| events).sum();
-            let consistent = if state.ips_truncated {
-                ip_events < state.events
-            } else {
-                ip_events == state.events
-            };
-            if !consistent {
-                return Err(format!(
-                    "{app:?} has {} events but its ips {ip_events} (truncated: {})",
-                    state.events, state.ips_truncated
-                ));
+        let held: usize = self.shards.iter().map(HashTable::len).sum();
+        if held != self.len {
+            return Err(format!("{held} apps held, {} counted", self.len));
+        }
+        for (index, shard) in self.shards.iter().enumerate() {
+            for entry in shard {
+                let app = &entry.app;
+                if self.budget.hasher().shard(self.budget.hasher().hash(app)) != index {
+                    return Err(format!("{app:?} is in shard {index}, not its own"));
+                }
+                if self.budget.holders(app) == 0 {
+                    return Err(format!("{app:?} is not in the register"));
+                }
+                let mut ips = entry.ips.pairs();
+                let stored = ips.len();
+                if stored != entry.ips.len()
+                    || stored > self.limits.max_ips_per_app
+                    || (stored == 0 && !entry.ips_truncated())
+                {
+                    return Err(format!("{app:?} stores {stored} ips"));
+                }
+                ips.sort_unstable();
+                ips.dedup_by_key(|(ip, _)| *ip);
+                if ips.len() != stored {
+                    return Err(format!("{app:?} stores an ip twice"));
+                }
+                let ip_events: u64 = ips.iter().map(|&(_, events)| events).sum();
+                let consistent = if entry.ips_truncated() {
+                    ip_events <= entry.events()
+                } else {
+                    ip_events == entry.events()
+                };
+                if !consistent {
+                    return Err(format!(
+                        "{app:?} has {} events but its ips {ip_events} (truncated: {})",
+                        entry.events(),
+                        entry.ips_truncated()
+                    ));
+                }
             }
         }
         Ok(())
@@ -594,13 +487,19 @@ impl AppTable {
 
     /// Distinct (app, ip) pairs held by this table.
     pub fn pairs(&self) -> usize {
-        self.apps.values().map(|state| state.ips.len()).sum()
+        self.shards
+            .iter()
+            .flat_map(|shard| shard.iter())
+            .map(|entry| entry.ips.len())
+            .sum()
     }
 }
 
 impl Drop for AppTable {
     fn drop(&mut self) {
-        self.budget.leave_all(self.apps.keys());
+        if self.registered {
+            self.budget.leave_all(&self.shards);
+        }
     }
 }
 
@@ -1019,9 +918,57 @@ mod tests {
         assert!(second.remove(&app(2)));
         assert!(!second.remove(&app(2)));
         assert_eq!(first.apply(Event { app: app(3), ip: 1 }), Applied::Stored);
-        first.clear();
+        drop(first.take());
         assert_eq!(budget.used(), 0);
         assert_eq!(first.partial(&app(1)), Partial::default());
+    }
+
+    /// A reset takes every table and clears the register in one step; the old tables then
+    /// drop without giving anything back twice, and the new ones count from zero.
+    #[test]
+    fn clearing_the_budget_forgets_every_table_at_once() {
+        let budget = Arc::new(AppBudget::new(3));
+        let limits = Limits {
+            max_ips_per_app: 10,
+        };
+        let mut workers = [
+            AppTable::new(limits, budget.clone()),
+            AppTable::new(limits, budget.clone()),
+        ];
+        for n in 0..3 {
+            for worker in &mut workers {
+                assert_eq!(worker.apply(Event { app: app(n), ip: 1 }), Applied::Stored);
+            }
+        }
+        assert_eq!((budget.used(), budget.entries()), (3, 6));
+        let taken = workers.iter_mut().map(AppTable::take).collect();
+        let freed = budget.clear(taken);
+        assert_eq!((budget.used(), budget.entries()), (0, 0));
+        drop(freed);
+        assert_eq!((budget.used(), budget.entries()), (0, 0));
+        for n in 10..13 {
+            assert_eq!(
+                workers[0].apply(Event { app: app(n), ip: 1 }),
+                Applied::Stored
+            );
+        }
+        assert_eq!(
+            workers[1].apply(Event {
+                app: app(20),
+                ip: 1
+            }),
+            Applied::AppDropped
+        );
+        assert_eq!(
+            workers[1].apply(Event {
+                app: app(10),
+                ip: 1
+            }),
+            Applied::Stored
+        );
+        for worker in &workers {
+            assert_eq!(worker.check_invariants(), Ok(()));
+        }
     }
 
     /// Issue 11: with random steering an app's next event lands on a worker that has no entry
@@ -1076,7 +1023,7 @@ mod tests {
         // The app leaves the budget with its last entry only.
         assert!(workers[0].remove(&victim));
         assert_eq!((budget.used(), budget.holders(&victim)), (100, 1));
-        workers[1].clear();
+        drop(workers[1].take());
         assert_eq!(budget.holders(&victim), 0);
         assert!(budget.used() < 100);
         let [first, second] = workers;
@@ -1193,9 +1140,8 @@ mod tests {
 
     #[test]
     fn sizes() {
-        // The units of memory: a pair, and the per-app state inside a table's slot.
-        assert_eq!(std::mem::size_of::<IpCount>(), 12);
-        assert_eq!(std::mem::size_of::<AppState>(), 56);
+        // The unit of memory per app inside a table's slot (a pair's is `ip_set`'s).
+        assert_eq!(std::mem::size_of::<AppEntry>(), 64);
     }
 
     mod prop {

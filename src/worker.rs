@@ -36,8 +36,14 @@ pub const DRAIN_LIMIT: Duration = Duration::from_millis(200);
 pub enum Command {
     /// This worker's partial answer for one app, after draining the socket.
     Query { app: AppKey, reply: Sender<Partial> },
-    /// Drain the socket, then forget every app.
-    ResetAll { reply: Sender<()> },
+    /// Drain the socket, hand over the table, and hold still until `resume` is closed (or
+    /// [`RESET_HOLD_LIMIT`] has passed), then carry on with an empty table. Holding still is
+    /// what lets the caller clear the shared app register in one step: while every worker
+    /// waits, none can create an app that the clearing would wipe from the register.
+    ResetAll {
+        reply: Sender<AppTable>,
+        resume: Receiver<()>,
+    },
     /// Drain the socket, then forget one app.
     ResetApp { app: AppKey, reply: Sender<()> },
     /// Count one event that arrived over HTTP.
@@ -56,6 +62,10 @@ pub enum Command {
     /// Drain the socket and stop.
     Shutdown,
 }
+
+/// The longest a worker holds still during a reset. The caller closes `resume` microseconds
+/// after the last worker replied, so this bounds only a caller that has gone wrong.
+pub const RESET_HOLD_LIMIT: Duration = Duration::from_secs(5);
 
 /// Counters the worker publishes for `/metrics`, readable from any thread without a lock.
 #[derive(Debug, Default)]
@@ -325,10 +335,12 @@ impl Worker {
                 self.drain();
                 let _ = reply.send(self.table.partial(&app));
             }
-            Command::ResetAll { reply } => {
+            Command::ResetAll { reply, resume } => {
                 self.drain();
-                self.table.clear();
-                let _ = reply.send(());
+                // O(1): the old table is freed elsewhere. A caller that gave up drops it here,
+                // which gives its apps back to the budget one by one.
+                let _ = reply.send(self.table.take());
+                let _ = resume.recv_timeout(RESET_HOLD_LIMIT);
             }
             Command::ResetApp { app, reply } => {
                 self.drain();

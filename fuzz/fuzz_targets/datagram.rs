@@ -199,8 +199,11 @@ impl Harness {
     fn clear(&mut self) {
         self.model = Model::default();
         for table in &mut self.tables {
-            table.table.clear();
+            // As a reset does: take the table, clear the budget in one step, drop the old one.
+            let taken = table.table.take();
+            drop(table.budget.clear(vec![taken]));
             assert_eq!(table.budget.used(), 0, "budget after clear");
+            assert_eq!(table.table.check_invariants(), Ok(()));
         }
     }
 

@@ -70,7 +70,7 @@ fn a_spoofed_app_flood_does_not_drop_a_tracked_apps_events() {
     assert_eq!(server.answer(&victim)["count"], 101);
     let metrics = server.get("/metrics").text();
     assert_eq!(support::metric(&metrics, "ipevents_kernel_drops_total"), 0);
-    assert_eq!(support::metric(&metrics, "ipevents_apps_distinct"), 100);
+    assert_eq!(support::metric(&metrics, "ipevents_apps_tracked"), 100);
     assert_eq!(
         labelled_metric(
             &metrics,

@@ -273,7 +273,7 @@ fn spoofed_floods_hit_the_caps_and_earlier_apps_stay_exact() {
         ipevents::wire::encode(&sha, i64::from(rng.random::<u32>()))
     });
     let metrics = server.get("/metrics").text();
-    let tracked = support::metric(&metrics, "ipevents_apps_distinct");
+    let tracked = support::metric(&metrics, "ipevents_apps_tracked");
     let dropped = labelled_metric(
         &metrics,
         "ipevents_events_dropped_total",
@@ -286,7 +286,7 @@ fn spoofed_floods_hit_the_caps_and_earlier_apps_stay_exact() {
     assert_eq!(dropped, apps_flood as u64 - (max_apps - apps_before));
     // Each flood app was sent once, so it holds one entry; the three earlier apps may hold
     // one on each worker.
-    let max_entries = support::metric(&metrics, "ipevents_apps_tracked");
+    let max_entries = support::metric(&metrics, "ipevents_app_entries");
     assert!(
         (max_apps..=max_apps + apps_before).contains(&max_entries),
         "{max_entries} app entries"

@@ -38,7 +38,7 @@ fn reference_traffic_is_counted_exactly_under_every_steering() {
             let label = format!("worker=\"{worker}\"");
             labelled_metric(&metrics, "ipevents_datagrams_received_total", &label).unwrap()
         };
-        let tracked = support::metric(&metrics, "ipevents_apps_tracked");
+        let tracked = support::metric(&metrics, "ipevents_app_entries");
         match steering {
             // One sender socket still reaches both workers, so each app is on both.
             "random" => {

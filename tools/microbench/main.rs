@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use ipevents::store::{AppBudget, AppTable, KeyedHash, Limits};
+use ipevents::keyed_hash::KeyedHash;
+use ipevents::store::{AppBudget, AppTable, Limits};
 use ipevents::wire::{self, AppKey};
 use ipevents::worker::{self, Tally};
 use rand::rngs::SmallRng;

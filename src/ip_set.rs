@@ -1,0 +1,364 @@
+//! The IPs of one app on one worker, and how many events named each: the unit of memory per
+//! (app, ip) pair.
+//!
+//! Most apps have one IP or a /28's worth, so the set is sized for those: one IP inline, up to
+//! [`FLAT_SLOTS_MAX`] in a flat array searched in order, up to [`HASHED_SLOTS_MAX`] slots of an
+//! open-addressed array, and a hash map beyond. The arrays hold 8 bytes a pair (a `u32` count);
+//! a count that would pass `u32::MAX` moves the set to the map, whose counts are `u64`.
+
+use std::collections::HashMap;
+
+use crate::keyed_hash::KeyedHash;
+
+/// Slots of the largest flat array: 16 pairs in 128 bytes, two cache lines, searched in order.
+const FLAT_SLOTS_MAX: usize = 16;
+
+/// Slots of the largest open-addressed array, kept at most three quarters full: 48 IPs.
+const HASHED_SLOTS_MAX: usize = 64;
+
+/// One IP and its events. A slot whose count is 0 is free: a stored IP has at least one event,
+/// so no IP value needs to be reserved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slot {
+    ip: u32,
+    events: u32,
+}
+
+impl Slot {
+    fn is_free(self) -> bool {
+        self.events == 0
+    }
+
+    /// Adds `events`; false, changing nothing, when the count would pass `u32::MAX`.
+    fn add(&mut self, events: u64) -> bool {
+        match u32::try_from(u64::from(self.events) + events) {
+            Ok(sum) => {
+                self.events = sum;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// The IPs of one app.
+#[derive(Debug)]
+pub enum IpSet {
+    /// No IP: an app restored from a state file whose IPs were all left out.
+    Empty,
+    /// The common app with one IP, in the entry itself.
+    One(Slot),
+    /// 2 to [`FLAT_SLOTS_MAX`] slots, a power of two; the taken ones first, in arrival order.
+    Flat(Box<[Slot]>),
+    /// 32 or 64 slots with linear probing, for apps like the reference client's with a few
+    /// dozen IPs: an event finds its IP in one or two probes, in one or two cache lines. The
+    /// slot comes from an unkeyed multiplicative hash: the array holds at most 48 IPs, so keys
+    /// chosen to collide cost at most a scan of 64 slots, as much as a flat search.
+    Hashed(Box<[Slot]>),
+    /// Beyond 48 IPs, or once a count passes `u32::MAX`: a keyed hash map. Boxed, so that the
+    /// rare large app does not make every entry as big as a map.
+    #[allow(clippy::box_collection)]
+    Wide(Box<HashMap<u32, u64, KeyedHash>>),
+}
+
+/// What `add` has to do once the borrow of the set's slots has ended.
+enum Grow {
+    /// Move to a flat array of this many slots, or an open-addressed one past
+    /// [`FLAT_SLOTS_MAX`].
+    To(usize),
+    /// Move to the map: more IPs than the arrays hold, or a count past `u32::MAX`.
+    Wide,
+}
+
+impl IpSet {
+    /// A set of one IP with `events` events.
+    pub fn new(ip: u32, events: u64) -> IpSet {
+        let mut one = Slot { ip, events: 0 };
+        if one.add(events) {
+            return IpSet::One(one);
+        }
+        let mut map = HashMap::with_hasher(KeyedHash::new());
+        map.insert(ip, events);
+        IpSet::Wide(Box::new(map))
+    }
+
+    /// Distinct IPs held.
+    pub fn len(&self) -> usize {
+        match self {
+            IpSet::Empty => 0,
+            IpSet::One(_) => 1,
+            IpSet::Flat(slots) | IpSet::Hashed(slots) => {
+                slots.iter().filter(|slot| !slot.is_free()).count()
+            }
+            IpSet::Wide(map) => map.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds `events` (at least 1) for `ip`; returns false, changing nothing, when `ip` is new
+    /// and the set already holds `max_ips`.
+    #[inline]
+    pub fn add(&mut self, ip: u32, events: u64, max_ips: usize) -> bool {
+        debug_assert!(events > 0);
+        let grow = match self {
+            IpSet::Empty => {
+                if max_ips == 0 {
+                    return false;
+                }
+                *self = IpSet::new(ip, events);
+                return true;
+            }
+            IpSet::One(slot) => {
+                if slot.ip == ip {
+                    if slot.add(events) {
+                        return true;
+                    }
+                    Grow::Wide
+                } else if max_ips <= 1 {
+                    return false;
+                } else {
+                    Grow::To(2)
+                }
+            }
+            IpSet::Flat(slots) => match flat_find(slots, ip) {
+                Ok(index) if slots[index].add(events) => return true,
+                Ok(_) => Grow::Wide,
+                Err(index) => {
+                    if index >= max_ips {
+                        return false;
+                    }
+                    if index < slots.len() {
+                        slots[index] = Slot { ip, events: 0 };
+                        if slots[index].add(events) {
+                            return true;
+                        }
+                        slots[index] = Slot::default();
+                        Grow::Wide
+                    } else {
+                        Grow::To(slots.len() * 2)
+                    }
+                }
+            },
+            IpSet::Hashed(slots) => match hashed_find(slots, ip) {
+                Ok(index) if slots[index].add(events) => return true,
+                Ok(_) => Grow::Wide,
+                Err(index) => {
+                    let len = slots.iter().filter(|slot| !slot.is_free()).count();
+                    if len >= max_ips {
+                        return false;
+                    }
+                    let mut slot = Slot { ip, events: 0 };
+                    if (len + 1) * 4 <= slots.len() * 3 && slot.add(events) {
+                        slots[index] = slot;
+                        return true;
+                    }
+                    if slots.len() < HASHED_SLOTS_MAX && slot.add(events) {
+                        Grow::To(slots.len() * 2)
+                    } else {
+                        Grow::Wide
+                    }
+                }
+            },
+            IpSet::Wide(map) => {
+                if let Some(count) = map.get_mut(&ip) {
+                    *count = count.saturating_add(events);
+                    return true;
+                }
+                if map.len() >= max_ips {
+                    return false;
+                }
+                map.insert(ip, events);
+                return true;
+            }
+        };
+        let pairs = self.pairs();
+        *self = match grow {
+            Grow::To(slots) => IpSet::with_slots(pairs, slots),
+            Grow::Wide => {
+                let mut map = HashMap::with_capacity_and_hasher(2 * pairs.len(), KeyedHash::new());
+                map.extend(pairs);
+                IpSet::Wide(Box::new(map))
+            }
+        };
+        self.add(ip, events, max_ips)
+    }
+
+    /// The same pairs in an array of `slots` slots; each count fits a slot.
+    fn with_slots(pairs: Vec<(u32, u64)>, slots: usize) -> IpSet {
+        let mut array = vec![Slot::default(); slots].into_boxed_slice();
+        let hashed = slots > FLAT_SLOTS_MAX;
+        for (ip, events) in pairs {
+            let found = if hashed {
+                hashed_find(&array, ip)
+            } else {
+                flat_find(&array, ip)
+            };
+            let index = found.expect_err("the IPs of a set are distinct");
+            array[index] = Slot {
+                ip,
+                events: u32::try_from(events).expect("an array's counts fit in u32"),
+            };
+        }
+        if hashed {
+            IpSet::Hashed(array)
+        } else {
+            IpSet::Flat(array)
+        }
+    }
+
+    /// Every (ip, events) pair, in no particular order.
+    pub fn pairs(&self) -> Vec<(u32, u64)> {
+        let slot = |slot: &Slot| (slot.ip, u64::from(slot.events));
+        match self {
+            IpSet::Empty => Vec::new(),
+            IpSet::One(one) => vec![slot(one)],
+            IpSet::Flat(slots) | IpSet::Hashed(slots) => slots
+                .iter()
+                .filter(|slot| !slot.is_free())
+                .map(slot)
+                .collect(),
+            IpSet::Wide(map) => map.iter().map(|(&ip, &events)| (ip, events)).collect(),
+        }
+    }
+}
+
+/// The slot holding `ip` in a flat array, or the first free one (the array's length when it
+/// is full).
+#[inline]
+fn flat_find(slots: &[Slot], ip: u32) -> Result<usize, usize> {
+    for (index, slot) in slots.iter().enumerate() {
+        if slot.is_free() {
+            return Err(index);
+        }
+        if slot.ip == ip {
+            return Ok(index);
+        }
+    }
+    Err(slots.len())
+}
+
+/// The slot holding `ip` in an open-addressed array, or the free slot where it would go. The
+/// array is never full, so the probe ends.
+#[inline]
+fn hashed_find(slots: &[Slot], ip: u32) -> Result<usize, usize> {
+    let mask = slots.len() - 1;
+    // Fibonacci hashing: the top bits of the product, spread evenly even for the runs of
+    // consecutive addresses that a home block is made of.
+    let bits = slots.len().trailing_zeros();
+    let mut index = (ip.wrapping_mul(0x9e37_79b9) >> (32 - bits)) as usize;
+    loop {
+        let slot = slots[index];
+        if slot.is_free() {
+            return Err(index);
+        }
+        if slot.ip == ip {
+            return Ok(index);
+        }
+        index = (index + 1) & mask;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sorted(set: &IpSet) -> Vec<(u32, u64)> {
+        let mut pairs = set.pairs();
+        pairs.sort_unstable();
+        pairs
+    }
+
+    fn kind(set: &IpSet) -> &'static str {
+        match set {
+            IpSet::Empty => "empty",
+            IpSet::One(_) => "one",
+            IpSet::Flat(_) => "flat",
+            IpSet::Hashed(_) => "hashed",
+            IpSet::Wide(_) => "wide",
+        }
+    }
+
+    #[test]
+    fn grows_through_every_layout_without_losing_a_count() {
+        // (IPs added, the layout they are kept in)
+        let cases = [
+            (1, "one"),
+            (2, "flat"),
+            (16, "flat"),
+            (17, "hashed"),
+            (24, "hashed"),
+            (48, "hashed"),
+            (49, "wide"),
+            (300, "wide"),
+        ];
+        for (ips, want) in cases {
+            let mut set = IpSet::new(1000, 1);
+            for ip in 1000..1000 + ips {
+                // Each IP twice: once when new, once when found.
+                if ip != 1000 {
+                    assert!(set.add(ip, 1, usize::MAX));
+                }
+                assert!(set.add(ip, 1, usize::MAX));
+            }
+            assert_eq!(kind(&set), want, "{ips} ips");
+            assert_eq!(set.len(), ips as usize);
+            let expect: Vec<(u32, u64)> = (1000..1000 + ips).map(|ip| (ip, 2)).collect();
+            assert_eq!(sorted(&set), expect, "{ips} ips");
+        }
+    }
+
+    #[test]
+    fn a_new_ip_past_the_cap_changes_nothing() {
+        for max_ips in [1, 2, 3, 16, 17, 40, 48, 49, 60] {
+            let mut set = IpSet::new(0, 1);
+            for ip in 1..max_ips as u32 {
+                assert!(set.add(ip, 1, max_ips));
+            }
+            let before = sorted(&set);
+            assert!(!set.add(u32::MAX, 1, max_ips), "cap {max_ips}");
+            assert_eq!(sorted(&set), before);
+            // A stored IP still counts.
+            assert!(set.add(0, 5, max_ips));
+            assert_eq!(sorted(&set)[0], (0, 6));
+        }
+    }
+
+    #[test]
+    fn a_count_past_u32_moves_to_the_map_and_stays_exact() {
+        let big = u64::from(u32::MAX);
+        // From each array layout: (IPs in the set before, the IP whose count overflows).
+        for ips in [1u32, 3, 20] {
+            let mut set = IpSet::new(7, 1);
+            for ip in 8..7 + ips {
+                assert!(set.add(ip, 1, usize::MAX));
+            }
+            assert!(set.add(7, big, usize::MAX));
+            assert_eq!(kind(&set), "wide", "{ips} ips");
+            assert_eq!(sorted(&set)[0], (7, big + 1));
+            assert_eq!(set.len(), ips as usize);
+        }
+        // A new IP whose first count is already too large for a slot.
+        let mut set = IpSet::new(1, 1);
+        assert!(set.add(2, big + 5, usize::MAX));
+        assert_eq!(sorted(&set), vec![(1, 1), (2, big + 5)]);
+        assert_eq!(kind(&IpSet::new(3, big + 1)), "wide");
+    }
+
+    #[test]
+    fn ip_zero_is_an_ordinary_ip() {
+        let mut set = IpSet::new(5, 1);
+        for _ in 0..3 {
+            assert!(set.add(0, 1, usize::MAX));
+        }
+        assert_eq!(sorted(&set), vec![(0, 3), (5, 1)]);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(std::mem::size_of::<Slot>(), 8);
+        assert_eq!(std::mem::size_of::<IpSet>(), 24);
+    }
+}
