@@ -131,9 +131,9 @@ impl Cluster {
         self.ask_all(|reply| Command::Stats { reply })
     }
 
-    /// A copy of every worker's apps, for the state file.
-    pub fn snapshot(&self) -> Result<Vec<Vec<AppRecord>>, Unavailable> {
-        self.ask_all(|reply| Command::Snapshot { reply })
+    /// A copy of one shard of every worker's apps, for the state file.
+    pub fn snapshot_shard(&self, shard: usize) -> Result<Vec<Vec<AppRecord>>, Unavailable> {
+        self.ask_all(|reply| Command::Snapshot { shard, reply })
     }
 
     /// Sends one command to every worker, then collects one reply from each, in worker order,

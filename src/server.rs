@@ -15,7 +15,7 @@ use std::thread::{self, JoinHandle};
 use crossbeam_channel::{Receiver, Sender};
 use sd_notify::NotifyState;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::backend::Backend;
 use crate::cluster::Cluster;
@@ -23,9 +23,10 @@ use crate::config::Config;
 use crate::flusher::{self, Flusher, FlusherThread, StoreMetrics, StoreView};
 use crate::gate::{Gate, GateCounters};
 use crate::http::{self, Api};
+use crate::keyed_hash::SHARDS;
 use crate::metrics::{self, Totals};
 use crate::signals::{self, CaughtSignals, SignalAction};
-use crate::snapshot::{self, SnapshotCounters};
+use crate::snapshot::{self, SnapshotCounters, StateWriter};
 use crate::snapshotter::{self, SnapshotRequest, Snapshotter};
 use crate::socket::{self, Rcvbuf, Steering};
 use crate::store::{AppBudget, AppTable};
@@ -391,10 +392,9 @@ impl Server {
             log::info!("flushed every pending delta to the store");
         }
         if let Some(path) = &self.state {
-            let records = snapshot::merge_records(exits.iter().map(|exit| exit.table.records()));
-            snapshot::write(path, &records)
+            let apps = write_state(path, exits.iter().map(|exit| &exit.table))
                 .map_err(|e| format!("write state file {}: {e}", path.display()))?;
-            log::info!("wrote {} apps to {}", records.len(), path.display());
+            log::info!("wrote {apps} apps to {}", path.display());
         }
         let stats: Vec<WorkerStats> = exits.into_iter().map(|exit| exit.stats).collect();
         let totals = Totals::of(api.cluster());
@@ -519,4 +519,18 @@ pub fn run(config: &Config) -> Result<(), String> {
             server.failure(event)
         )),
     }
+}
+
+/// Writes the stopped workers' tables to the state file, one shard at a time, merged over the
+/// workers; returns the apps written.
+fn write_state<'a>(
+    path: &Path,
+    tables: impl Iterator<Item = &'a AppTable> + Clone,
+) -> std::io::Result<u64> {
+    let mut writer = StateWriter::create(path)?;
+    for shard in 0..SHARDS {
+        let records = snapshot::merge_records(tables.clone().map(|t| t.shard_records(shard)));
+        writer.append(&records)?;
+    }
+    writer.finish()
 }

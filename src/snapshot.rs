@@ -13,7 +13,12 @@
 //! ```
 //!
 //! The records are merged over workers before they are written, so a file does not depend on
-//! how many workers wrote it or will read it. This module never touches a worker.
+//! how many workers wrote it or will read it. A [`StateWriter`] streams them to the file a
+//! slice at a time (one shard of the tables), computing the checksum as the bytes go, so that
+//! writing a state of any size takes only a slice's worth of memory: the app count and the
+//! body length, known only at the end, are written into the header's place then, and the
+//! checksum of the whole body is the count's combined with the rest's. This module never
+//! touches a worker.
 //!
 //! A state path that is a symbolic link names the file it points to: that file is read and
 //! replaced, next to it, and the link stays. Anything but a regular file (a directory, a
@@ -116,24 +121,12 @@ pub fn merge_records(per_worker: impl IntoIterator<Item = Vec<AppRecord>>) -> Ve
     records
 }
 
-/// Serializes records into the file format.
+/// Serializes records into the file format, in memory. For tests; the server streams them
+/// with a [`StateWriter`].
 pub fn encode(records: &[AppRecord]) -> Vec<u8> {
-    let body_bytes: usize = records
-        .iter()
-        .map(|r| APP_BYTES + r.partial.ips.len() * IP_BYTES)
-        .sum::<usize>()
-        + 8;
-    let mut body = Vec::with_capacity(body_bytes);
-    body.extend_from_slice(&(records.len() as u64).to_le_bytes());
+    let mut body = (records.len() as u64).to_le_bytes().to_vec();
     for record in records {
-        body.extend_from_slice(&record.app.0);
-        body.extend_from_slice(&record.partial.events.to_le_bytes());
-        body.push(u8::from(record.partial.ips_truncated));
-        body.extend_from_slice(&(record.partial.ips.len() as u32).to_le_bytes());
-        for &(ip, events) in &record.partial.ips {
-            body.extend_from_slice(&ip.to_le_bytes());
-            body.extend_from_slice(&events.to_le_bytes());
-        }
+        encode_record(&mut body, record);
     }
     let mut out = Vec::with_capacity(HEADER_BYTES + body.len() + 4);
     out.extend_from_slice(MAGIC);
@@ -142,6 +135,113 @@ pub fn encode(records: &[AppRecord]) -> Vec<u8> {
     out.extend_from_slice(&body);
     out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
     out
+}
+
+/// Appends one app in the body's layout.
+fn encode_record(out: &mut Vec<u8>, record: &AppRecord) {
+    out.reserve(APP_BYTES + record.partial.ips.len() * IP_BYTES);
+    out.extend_from_slice(&record.app.0);
+    out.extend_from_slice(&record.partial.events.to_le_bytes());
+    out.push(u8::from(record.partial.ips_truncated));
+    out.extend_from_slice(&(record.partial.ips.len() as u32).to_le_bytes());
+    for &(ip, events) in &record.partial.ips {
+        out.extend_from_slice(&ip.to_le_bytes());
+        out.extend_from_slice(&events.to_le_bytes());
+    }
+}
+
+/// A state file being written: records go to a temporary file beside the state file as they
+/// come, and [`finish`](StateWriter::finish) puts it in the state file's place atomically (a
+/// crash leaves either the old file or the new one). Dropped unfinished, it removes the
+/// temporary file.
+pub struct StateWriter {
+    path: PathBuf,
+    temporary: PathBuf,
+    file: Option<io::BufWriter<File>>,
+    /// The checksum of the body after the app count, so far.
+    crc: crc32fast::Hasher,
+    body_bytes: u64,
+    apps: u64,
+    /// The encoding of the records being appended, reused.
+    buffer: Vec<u8>,
+}
+
+/// Where the header's body length is, and the body's app count after it.
+const LENGTH_OFFSET: u64 = (MAGIC.len() + 4) as u64;
+
+impl StateWriter {
+    /// Starts a state file at `path` (a link's target), empty so far.
+    pub fn create(path: &Path) -> io::Result<StateWriter> {
+        let path = resolve(path)?;
+        let temporary = sibling(&path, "tmp");
+        let mut file = io::BufWriter::with_capacity(1 << 20, File::create(&temporary)?);
+        file.write_all(MAGIC)?;
+        file.write_all(&FORMAT_VERSION.to_le_bytes())?;
+        // The body's length, then its app count: written again at the end.
+        file.write_all(&[0; 16])?;
+        Ok(StateWriter {
+            path,
+            temporary,
+            file: Some(file),
+            crc: crc32fast::Hasher::new(),
+            body_bytes: 8,
+            apps: 0,
+            buffer: Vec::new(),
+        })
+    }
+
+    /// Appends records; an app may come only once in a file.
+    pub fn append(&mut self, records: &[AppRecord]) -> io::Result<()> {
+        let file = self.file.as_mut().expect("only finish takes the file");
+        self.buffer.clear();
+        for record in records {
+            encode_record(&mut self.buffer, record);
+        }
+        file.write_all(&self.buffer)?;
+        self.crc.update(&self.buffer);
+        self.body_bytes += self.buffer.len() as u64;
+        self.apps += records.len() as u64;
+        Ok(())
+    }
+
+    /// Completes the header and the checksum, syncs, and renames the file into place;
+    /// returns the apps written.
+    pub fn finish(mut self) -> io::Result<u64> {
+        use std::io::{Seek, SeekFrom};
+        let mut file = self
+            .file
+            .take()
+            .expect("only finish takes the file")
+            .into_inner()
+            .map_err(io::IntoInnerError::into_error)?;
+        let count = self.apps.to_le_bytes();
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&count);
+        crc.combine(&self.crc);
+        file.write_all(&crc.finalize().to_le_bytes())?;
+        file.seek(SeekFrom::Start(LENGTH_OFFSET))?;
+        file.write_all(&self.body_bytes.to_le_bytes())?;
+        file.write_all(&count)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&self.temporary, &self.path)?;
+        // The rename is durable only once the directory entry is.
+        let directory = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        File::open(directory)?.sync_all()?;
+        Ok(self.apps)
+    }
+}
+
+impl Drop for StateWriter {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.temporary);
+        }
+    }
 }
 
 /// Parses the file format; never panics, whatever the bytes.
@@ -250,20 +350,9 @@ pub fn resolve(path: &Path) -> io::Result<PathBuf> {
 
 /// Writes `records` to `path` atomically: a crash leaves either the old file or the new one.
 pub fn write(path: &Path, records: &[AppRecord]) -> io::Result<()> {
-    let path = &resolve(path)?;
-    let bytes = encode(records);
-    let temporary = sibling(path, "tmp");
-    let mut file = File::create(&temporary)?;
-    file.write_all(&bytes)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&temporary, path)?;
-    // The rename is durable only once the directory entry is.
-    let directory = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    File::open(directory)?.sync_all()
+    let mut writer = StateWriter::create(path)?;
+    writer.append(records)?;
+    writer.finish().map(drop)
 }
 
 /// Reads the state file. `Ok(None)` when there is none yet (a first start).
@@ -441,6 +530,33 @@ mod tests {
         let aside = set_aside(&path).unwrap();
         assert!(aside.exists() && !path.exists());
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_streamed_file_is_the_encoded_one() {
+        let dir = Dir::new("streamed");
+        let path = dir.0.join("state");
+        let slices = [
+            vec![record(1, 3, vec![(10, 2), (11, 1)], false)],
+            vec![],
+            vec![
+                record(2, 9, vec![(u32::MAX, 5)], true),
+                record(3, 1, vec![(1, 1)], false),
+            ],
+        ];
+        let mut writer = StateWriter::create(&path).unwrap();
+        for slice in &slices {
+            writer.append(slice).unwrap();
+        }
+        assert_eq!(writer.finish().unwrap(), 3);
+        let all: Vec<AppRecord> = slices.concat();
+        assert_eq!(fs::read(&path).unwrap(), encode(&all));
+        // Given up half way, it leaves the old file and no temporary one.
+        let mut writer = StateWriter::create(&path).unwrap();
+        writer.append(&slices[0]).unwrap();
+        drop(writer);
+        assert_eq!(read(&path), Ok(Some(all)));
+        assert!(!sibling(&path, "tmp").exists());
     }
 
     /// A fresh directory under the system's temporary one, removed when dropped.

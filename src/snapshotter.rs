@@ -1,8 +1,9 @@
 //! The state file's lifecycle around the running server: restoring it at start, and the
 //! snapshot thread that writes it every `--snapshot-interval`.
 //!
-//! The workers only copy their tables; merging and writing happen on the snapshot thread, at
-//! the lowest CPU priority, off the data path. The file format is `snapshot`'s.
+//! The workers only copy their tables, a shard at a time; merging and writing happen on the
+//! snapshot thread, at the lowest CPU priority, off the data path, one shard at a time too. The
+//! file format is `snapshot`'s.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 
 use crate::cluster::Cluster;
-use crate::snapshot::{self, BadState, SnapshotCounters};
+use crate::keyed_hash::SHARDS;
+use crate::snapshot::{self, BadState, SnapshotCounters, StateWriter};
 use crate::socket;
 use crate::store::AppRecord;
 
@@ -78,6 +80,20 @@ fn check_writable(path: &Path) -> io::Result<()> {
     std::fs::remove_file(&probe)
 }
 
+/// Writes every worker's apps to the state file at `path`, one shard at a time: the thread
+/// holds one shard's copies, merged over the workers, at once. Returns the apps written.
+fn write_snapshot(cluster: &Cluster, path: &Path) -> Result<usize, String> {
+    let mut writer = StateWriter::create(path).map_err(|e| e.to_string())?;
+    for shard in 0..SHARDS {
+        let per_worker = cluster.snapshot_shard(shard).map_err(|e| e.to_string())?;
+        writer
+            .append(&snapshot::merge_records(per_worker))
+            .map_err(|e| e.to_string())?;
+    }
+    let apps = writer.finish().map_err(|e| e.to_string())?;
+    Ok(usize::try_from(apps).unwrap_or(usize::MAX))
+}
+
 /// The thread that writes the state file every --snapshot-interval, and when asked. The
 /// workers only copy their tables; merging and writing happen here, off the data path.
 pub struct Snapshotter {
@@ -113,16 +129,7 @@ impl Snapshotter {
                 | Ok(SnapshotRequest::Now) = requested.recv_timeout(interval)
                 {
                     let started = Instant::now();
-                    let written =
-                        cluster
-                            .snapshot()
-                            .map_err(|e| e.to_string())
-                            .and_then(|per_worker| {
-                                let records = snapshot::merge_records(per_worker);
-                                snapshot::write(&path, &records).map_err(|e| e.to_string())?;
-                                Ok(records.len())
-                            });
-                    match written {
+                    match write_snapshot(&cluster, &path) {
                         Ok(apps) => counters.record_success(apps, started.elapsed()),
                         Err(e) => {
                             counters.record_failure();

@@ -620,6 +620,23 @@ mod tests {
         assert_eq!(last_received_at(receiver).unwrap(), None);
         let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
         sender.connect(receiver.local_addr().unwrap()).unwrap();
+        // The kernel switches arrival stamps on for everyone a moment after the first socket
+        // asks (a deferred static key): until then a datagram arrives unstamped, and the
+        // ioctl answers with the time of the call. Wait until a probe shows a real stamp.
+        let mut batch = RecvBatch::new(8);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            sender.send(b"probe").unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            while batch.recv(receiver).is_ok() {}
+            let stamped = last_received_at(receiver).unwrap().unwrap();
+            let age = SystemTime::now()
+                .duration_since(stamped)
+                .unwrap_or_default();
+            if age >= Duration::from_millis(10) || std::time::Instant::now() > deadline {
+                break;
+            }
+        }
         let big = vec![7u8; 2000];
         let mut send = SendBatch::new(4);
         let sent_at = SystemTime::now();
@@ -628,7 +645,6 @@ mod tests {
         // A queue held this long must show it: the stamp is the kernel's arrival time, not
         // the time the datagram was read.
         std::thread::sleep(Duration::from_millis(100));
-        let mut batch = RecvBatch::new(8);
         let mut got = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while got.len() < 3 && std::time::Instant::now() < deadline {

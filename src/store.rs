@@ -340,12 +340,9 @@ impl AppTable {
             .collect()
     }
 
-    /// Every app's key, to copy the apps a few at a time.
-    pub fn keys(&self) -> Vec<AppKey> {
-        self.shards
-            .iter()
-            .flat_map(|shard| shard.iter().map(|entry| entry.app))
-            .collect()
+    /// The keys of one shard's apps, to copy them a few at a time.
+    pub fn shard_keys(&self, shard: usize) -> Vec<AppKey> {
+        self.shards[shard].iter().map(|entry| entry.app).collect()
     }
 
     /// A copy of one app, for the state file; `None` when it is gone.
