@@ -41,30 +41,34 @@ impl Slot {
     }
 }
 
-/// The IPs of one app.
+/// The IPs of one app: 16 bytes, since every layout is one slot or one thin pointer.
 #[derive(Debug)]
 pub enum IpSet {
     /// No IP: an app restored from a state file whose IPs were all left out.
     Empty,
     /// The common app with one IP, in the entry itself.
     One(Slot),
-    /// 2 to [`FLAT_SLOTS_MAX`] slots, a power of two; the taken ones first, in arrival order.
-    Flat(Box<[Slot]>),
+    /// Flat arrays of 2 to [`FLAT_SLOTS_MAX`] slots: the taken ones first, in arrival order.
+    Flat2(Box<[Slot; 2]>),
+    Flat4(Box<[Slot; 4]>),
+    Flat8(Box<[Slot; 8]>),
+    Flat16(Box<[Slot; FLAT_SLOTS_MAX]>),
     /// 32 or 64 slots with linear probing, for apps like the reference client's with a few
     /// dozen IPs: an event finds its IP in one or two probes, in one or two cache lines. The
     /// slot comes from an unkeyed multiplicative hash: the array holds at most 48 IPs, so keys
     /// chosen to collide cost at most a scan of 64 slots, as much as a flat search.
-    Hashed(Box<[Slot]>),
+    Hashed32(Box<[Slot; 32]>),
+    Hashed64(Box<[Slot; HASHED_SLOTS_MAX]>),
     /// Beyond 48 IPs, or once a count passes `u32::MAX`: a keyed hash map. Boxed, so that the
     /// rare large app does not make every entry as big as a map.
     #[allow(clippy::box_collection)]
     Wide(Box<HashMap<u32, u64, KeyedHash>>),
 }
 
-/// What `add` has to do once the borrow of the set's slots has ended.
+/// What `add` has to do when the set's layout cannot take the IP.
 enum Grow {
-    /// Move to a flat array of this many slots, or an open-addressed one past
-    /// [`FLAT_SLOTS_MAX`].
+    /// Move to an array of this many slots: flat up to [`FLAT_SLOTS_MAX`], open-addressed
+    /// beyond.
     To(usize),
     /// Move to the map: more IPs than the arrays hold, or a count past `u32::MAX`.
     Wide,
@@ -82,15 +86,52 @@ impl IpSet {
         IpSet::Wide(Box::new(map))
     }
 
+    /// An empty array of `slots` slots, one of the array layouts' sizes.
+    fn with_capacity(slots: usize) -> IpSet {
+        let free = Slot::default();
+        match slots {
+            2 => IpSet::Flat2(Box::new([free; 2])),
+            4 => IpSet::Flat4(Box::new([free; 4])),
+            8 => IpSet::Flat8(Box::new([free; 8])),
+            FLAT_SLOTS_MAX => IpSet::Flat16(Box::new([free; FLAT_SLOTS_MAX])),
+            32 => IpSet::Hashed32(Box::new([free; 32])),
+            HASHED_SLOTS_MAX => IpSet::Hashed64(Box::new([free; HASHED_SLOTS_MAX])),
+            _ => unreachable!("no array layout of {slots} slots"),
+        }
+    }
+
+    /// The slots of an array layout; flat when at most [`FLAT_SLOTS_MAX`] of them.
+    fn array(&self) -> Option<&[Slot]> {
+        match self {
+            IpSet::Flat2(slots) => Some(&slots[..]),
+            IpSet::Flat4(slots) => Some(&slots[..]),
+            IpSet::Flat8(slots) => Some(&slots[..]),
+            IpSet::Flat16(slots) => Some(&slots[..]),
+            IpSet::Hashed32(slots) => Some(&slots[..]),
+            IpSet::Hashed64(slots) => Some(&slots[..]),
+            IpSet::Empty | IpSet::One(_) | IpSet::Wide(_) => None,
+        }
+    }
+
+    fn array_mut(&mut self) -> Option<&mut [Slot]> {
+        match self {
+            IpSet::Flat2(slots) => Some(&mut slots[..]),
+            IpSet::Flat4(slots) => Some(&mut slots[..]),
+            IpSet::Flat8(slots) => Some(&mut slots[..]),
+            IpSet::Flat16(slots) => Some(&mut slots[..]),
+            IpSet::Hashed32(slots) => Some(&mut slots[..]),
+            IpSet::Hashed64(slots) => Some(&mut slots[..]),
+            IpSet::Empty | IpSet::One(_) | IpSet::Wide(_) => None,
+        }
+    }
+
     /// Distinct IPs held.
     pub fn len(&self) -> usize {
         match self {
             IpSet::Empty => 0,
             IpSet::One(_) => 1,
-            IpSet::Flat(slots) | IpSet::Hashed(slots) => {
-                slots.iter().filter(|slot| !slot.is_free()).count()
-            }
             IpSet::Wide(map) => map.len(),
+            _ => taken(self.array().expect("the other layouts are arrays")),
         }
     }
 
@@ -123,45 +164,6 @@ impl IpSet {
                     Grow::To(2)
                 }
             }
-            IpSet::Flat(slots) => match flat_find(slots, ip) {
-                Ok(index) if slots[index].add(events) => return true,
-                Ok(_) => Grow::Wide,
-                Err(index) => {
-                    if index >= max_ips {
-                        return false;
-                    }
-                    if index < slots.len() {
-                        slots[index] = Slot { ip, events: 0 };
-                        if slots[index].add(events) {
-                            return true;
-                        }
-                        slots[index] = Slot::default();
-                        Grow::Wide
-                    } else {
-                        Grow::To(slots.len() * 2)
-                    }
-                }
-            },
-            IpSet::Hashed(slots) => match hashed_find(slots, ip) {
-                Ok(index) if slots[index].add(events) => return true,
-                Ok(_) => Grow::Wide,
-                Err(index) => {
-                    let len = slots.iter().filter(|slot| !slot.is_free()).count();
-                    if len >= max_ips {
-                        return false;
-                    }
-                    let mut slot = Slot { ip, events: 0 };
-                    if (len + 1) * 4 <= slots.len() * 3 && slot.add(events) {
-                        slots[index] = slot;
-                        return true;
-                    }
-                    if slots.len() < HASHED_SLOTS_MAX && slot.add(events) {
-                        Grow::To(slots.len() * 2)
-                    } else {
-                        Grow::Wide
-                    }
-                }
-            },
             IpSet::Wide(map) => {
                 if let Some(count) = map.get_mut(&ip) {
                     *count = count.saturating_add(events);
@@ -173,10 +175,38 @@ impl IpSet {
                 map.insert(ip, events);
                 return true;
             }
+            _ => {
+                let slots = self.array_mut().expect("the other layouts are arrays");
+                let added = if slots.len() <= FLAT_SLOTS_MAX {
+                    add_flat(slots, ip, events, max_ips)
+                } else {
+                    add_hashed(slots, ip, events, max_ips)
+                };
+                match added {
+                    Ok(stored) => return stored,
+                    Err(grow) => grow,
+                }
+            }
         };
         let pairs = self.pairs();
         *self = match grow {
-            Grow::To(slots) => IpSet::with_slots(pairs, slots),
+            Grow::To(slots) => {
+                let mut grown = IpSet::with_capacity(slots);
+                let array = grown.array_mut().expect("an array layout");
+                for (ip, events) in pairs {
+                    let found = if slots <= FLAT_SLOTS_MAX {
+                        flat_find(array, ip)
+                    } else {
+                        hashed_find(array, ip)
+                    };
+                    let index = found.expect_err("the IPs of a set are distinct");
+                    array[index] = Slot {
+                        ip,
+                        events: u32::try_from(events).expect("an array's counts fit in u32"),
+                    };
+                }
+                grown
+            }
             Grow::Wide => {
                 let mut map = HashMap::with_capacity_and_hasher(2 * pairs.len(), KeyedHash::new());
                 map.extend(pairs);
@@ -186,41 +216,72 @@ impl IpSet {
         self.add(ip, events, max_ips)
     }
 
-    /// The same pairs in an array of `slots` slots; each count fits a slot.
-    fn with_slots(pairs: Vec<(u32, u64)>, slots: usize) -> IpSet {
-        let mut array = vec![Slot::default(); slots].into_boxed_slice();
-        let hashed = slots > FLAT_SLOTS_MAX;
-        for (ip, events) in pairs {
-            let found = if hashed {
-                hashed_find(&array, ip)
-            } else {
-                flat_find(&array, ip)
-            };
-            let index = found.expect_err("the IPs of a set are distinct");
-            array[index] = Slot {
-                ip,
-                events: u32::try_from(events).expect("an array's counts fit in u32"),
-            };
-        }
-        if hashed {
-            IpSet::Hashed(array)
-        } else {
-            IpSet::Flat(array)
-        }
-    }
-
     /// Every (ip, events) pair, in no particular order.
     pub fn pairs(&self) -> Vec<(u32, u64)> {
-        let slot = |slot: &Slot| (slot.ip, u64::from(slot.events));
+        let pair = |slot: &Slot| (slot.ip, u64::from(slot.events));
         match self {
             IpSet::Empty => Vec::new(),
-            IpSet::One(one) => vec![slot(one)],
-            IpSet::Flat(slots) | IpSet::Hashed(slots) => slots
+            IpSet::One(one) => vec![pair(one)],
+            IpSet::Wide(map) => map.iter().map(|(&ip, &events)| (ip, events)).collect(),
+            _ => self
+                .array()
+                .expect("the other layouts are arrays")
                 .iter()
                 .filter(|slot| !slot.is_free())
-                .map(slot)
+                .map(pair)
                 .collect(),
-            IpSet::Wide(map) => map.iter().map(|(&ip, &events)| (ip, events)).collect(),
+        }
+    }
+}
+
+/// Taken slots of an array.
+fn taken(slots: &[Slot]) -> usize {
+    slots.iter().filter(|slot| !slot.is_free()).count()
+}
+
+/// Adds to a flat array: `Ok(stored)`, or the layout the set must move to first.
+#[inline]
+fn add_flat(slots: &mut [Slot], ip: u32, events: u64, max_ips: usize) -> Result<bool, Grow> {
+    match flat_find(slots, ip) {
+        Ok(index) if slots[index].add(events) => Ok(true),
+        Ok(_) => Err(Grow::Wide),
+        // The taken slots come first, so `index` is how many there are.
+        Err(index) if index >= max_ips => Ok(false),
+        Err(index) if index < slots.len() => {
+            let mut slot = Slot { ip, events: 0 };
+            if !slot.add(events) {
+                return Err(Grow::Wide);
+            }
+            slots[index] = slot;
+            Ok(true)
+        }
+        Err(_) => Err(Grow::To(slots.len() * 2)),
+    }
+}
+
+/// Adds to an open-addressed array, kept at most three quarters full.
+#[inline]
+fn add_hashed(slots: &mut [Slot], ip: u32, events: u64, max_ips: usize) -> Result<bool, Grow> {
+    match hashed_find(slots, ip) {
+        Ok(index) if slots[index].add(events) => Ok(true),
+        Ok(_) => Err(Grow::Wide),
+        Err(index) => {
+            let len = taken(slots);
+            if len >= max_ips {
+                return Ok(false);
+            }
+            let mut slot = Slot { ip, events: 0 };
+            if !slot.add(events) {
+                return Err(Grow::Wide);
+            }
+            if (len + 1) * 4 <= slots.len() * 3 {
+                slots[index] = slot;
+                Ok(true)
+            } else if slots.len() < HASHED_SLOTS_MAX {
+                Err(Grow::To(slots.len() * 2))
+            } else {
+                Err(Grow::Wide)
+            }
         }
     }
 }
@@ -275,8 +336,8 @@ mod tests {
         match set {
             IpSet::Empty => "empty",
             IpSet::One(_) => "one",
-            IpSet::Flat(_) => "flat",
-            IpSet::Hashed(_) => "hashed",
+            IpSet::Flat2(_) | IpSet::Flat4(_) | IpSet::Flat8(_) | IpSet::Flat16(_) => "flat",
+            IpSet::Hashed32(_) | IpSet::Hashed64(_) => "hashed",
             IpSet::Wide(_) => "wide",
         }
     }
@@ -359,6 +420,6 @@ mod tests {
     #[test]
     fn sizes() {
         assert_eq!(std::mem::size_of::<Slot>(), 8);
-        assert_eq!(std::mem::size_of::<IpSet>(), 24);
+        assert_eq!(std::mem::size_of::<IpSet>(), 16);
     }
 }

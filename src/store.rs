@@ -207,7 +207,7 @@ pub enum Applied {
 /// The top bit of an entry's count says that some of its IPs were not stored.
 const IPS_TRUNCATED: u64 = 1 << 63;
 
-/// What one worker knows about one app: 64 bytes, the unit of memory per app in a table.
+/// What one worker knows about one app: 56 bytes, the unit of memory per app in a table.
 #[derive(Debug)]
 struct AppEntry {
     app: AppKey,
@@ -1138,7 +1138,7 @@ mod tests {
     #[test]
     fn sizes() {
         // The unit of memory per app inside a table's slot (a pair's is `ip_set`'s).
-        assert_eq!(std::mem::size_of::<AppEntry>(), 64);
+        assert_eq!(std::mem::size_of::<AppEntry>(), 56);
     }
 
     mod prop {
