@@ -622,3 +622,70 @@ fn a_flood_beyond_capacity_does_not_starve_queries() {
     stop.store(true, Ordering::Relaxed);
     flood.join().unwrap();
 }
+
+/// Issue 8, goal 4: `--max-apps` caps distinct apps across the workers, exactly at the
+/// boundary. 1,000 apps sent three times each over two workers with random steering, so that
+/// most are held by both: all 1,000 are tracked and exact, the gauge says 1,000 apps (and more
+/// entries), and the next 100 new apps are dropped and counted. After a reset the whole budget
+/// is free again.
+#[test]
+fn max_apps_caps_distinct_apps_at_the_boundary() {
+    let cap = 1_000u32;
+    let server = Server::start(&[
+        "--workers",
+        "2",
+        "--steering",
+        "random",
+        "--max-apps",
+        &cap.to_string(),
+    ]);
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.connect(server.udp).unwrap();
+    let sha = |n: u32| format!("{n:08x}").repeat(8);
+    let send_apps = |apps: std::ops::Range<u32>, times: u32| {
+        for round in 0..times {
+            for n in apps.clone() {
+                let datagram = ipevents::wire::encode(&sha(n), i64::from(0x0a00_0001 + round));
+                support::send_datagram(&socket, &datagram);
+            }
+            // A query reads the sockets empty, so the next round finds room in them.
+            server.answer(&sha(apps.start));
+        }
+    };
+    send_apps(0..cap, 3);
+    send_apps(cap..cap + 100, 1);
+    let metrics = server.get("/metrics").text();
+    assert_eq!(
+        support::metric(&metrics, "ipevents_apps_tracked"),
+        u64::from(cap)
+    );
+    let entries = support::metric(&metrics, "ipevents_app_entries");
+    assert!(
+        entries > u64::from(cap),
+        "{entries} entries: random steering spreads apps"
+    );
+    assert_eq!(
+        labelled_metric(
+            &metrics,
+            "ipevents_events_dropped_total",
+            "cause=\"max_apps\""
+        ),
+        Some(100)
+    );
+    for n in (0..cap).step_by(37).chain([cap - 1]) {
+        assert_eq!(server.answer(&sha(n))["count"], 3, "app {n}");
+    }
+    for n in [cap, cap + 99] {
+        assert_eq!(
+            server.answer(&sha(n))["count"],
+            0,
+            "app {n} is past the cap"
+        );
+    }
+    server.reset();
+    assert_eq!(server.metric("ipevents_apps_tracked"), 0);
+    assert_eq!(server.metric("ipevents_app_entries"), 0);
+    send_apps(cap..2 * cap, 1);
+    assert_eq!(server.metric("ipevents_apps_tracked"), u64::from(cap));
+    assert_eq!(server.answer(&sha(2 * cap - 1))["count"], 1);
+}
