@@ -1171,6 +1171,59 @@ mod tests {
                 }
             }
 
+            /// Any interleaving of events over workers (as a steering change moves an app
+            /// from one worker to several and back), one-app resets, full resets and caps
+            /// keeps every app's answer exact against a model, and the budget counts exactly
+            /// the distinct apps and the entries the workers hold.
+            #[test]
+            fn the_budget_and_the_answers_follow_any_interleaving(
+                ops in proptest::collection::vec((0u8..12, 0u8..10, 0u32..40, 0usize..3), 0..500),
+                max_apps in 1usize..8,
+            ) {
+                let budget = Arc::new(AppBudget::new(max_apps));
+                let limits = Limits { max_ips_per_app: 20 };
+                let mut workers: Vec<AppTable> =
+                    (0..3).map(|_| AppTable::new(limits, budget.clone())).collect();
+                // The model: per app, its events and its distinct IPs (the cap is 20 and at
+                // most 40 IPs are drawn, so a worker may truncate; counts never).
+                let mut model: BTreeMap<u8, u64> = BTreeMap::new();
+                for &(op, a, ip, worker) in &ops {
+                    match op {
+                        0 => {
+                            for table in &mut workers {
+                                table.remove(&app(a));
+                            }
+                            model.remove(&a);
+                        }
+                        1 => {
+                            let taken = workers.iter_mut().map(AppTable::take).collect();
+                            drop(budget.clear(taken));
+                            model.clear();
+                        }
+                        _ => {
+                            let applied = workers[worker].apply(Event { app: app(a), ip });
+                            let tracked = model.contains_key(&a);
+                            if applied == Applied::AppDropped {
+                                prop_assert!(!tracked && model.len() == max_apps);
+                            } else {
+                                prop_assert!(tracked || model.len() < max_apps);
+                                *model.entry(a).or_default() += 1;
+                            }
+                        }
+                    }
+                    prop_assert_eq!(budget.used(), model.len());
+                    let entries: usize = workers.iter().map(AppTable::len).sum();
+                    prop_assert_eq!(budget.entries(), entries);
+                }
+                for table in &workers {
+                    prop_assert_eq!(table.check_invariants(), Ok(()));
+                }
+                for a in 0..10 {
+                    let merged = merge_partials(workers.iter().map(|t| t.partial(&app(a))));
+                    prop_assert_eq!(merged.events, model.get(&a).copied().unwrap_or(0));
+                }
+            }
+
             #[test]
             fn good_ips_are_the_hosts_of_one_block(
                 ips in proptest::collection::vec((any::<u32>(), 1u64..5), 1..60)
