@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
+use crate::sketch::HeavyHitters;
 use crate::store::{self, AppBudget, AppRecord, AppTable, Applied, Partial, Verdict};
 use crate::wire::{AppKey, Event};
 use crate::worker::{Command, WorkerHandle, WorkerStats};
@@ -129,6 +130,11 @@ impl Cluster {
     /// Every worker's latency histograms and table size.
     pub fn stats(&self) -> Result<Vec<WorkerStats>, Unavailable> {
         self.ask_all(|reply| Command::Stats { reply })
+    }
+
+    /// Every worker's sample of its traffic since the last time, for adaptive steering.
+    pub fn heavy_hitters(&self) -> Result<Vec<HeavyHitters>, Unavailable> {
+        self.ask_all(|reply| Command::HeavyHitters { reply })
     }
 
     /// A copy of one shard of every worker's apps, for the state file.

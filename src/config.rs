@@ -58,8 +58,10 @@ pub struct Config {
     /// How the kernel spreads datagrams over the workers' sockets: `hash` keeps each sender
     /// on one worker (SO_REUSEPORT's flow hash), `cpu` sends a datagram to the worker of the
     /// CPU that received it, `random` picks a worker per datagram, `app` sends each app to
-    /// one worker by a hash of the sha it reads from the datagram (classic BPF).
-    #[arg(long, env = "IPEVENTS_STEERING", value_enum, default_value_t = Steering::Random)]
+    /// one worker by a hash of the sha it reads from the datagram (classic BPF), `adaptive`
+    /// does as `app` but spreads the few hot apps it finds in the traffic (at most 32) over
+    /// every worker at random.
+    #[arg(long, env = "IPEVENTS_STEERING", value_enum, default_value_t = Steering::Adaptive)]
     pub steering: Steering,
 
     /// Do not pin workers to cores (for shared machines, or more workers than cores).

@@ -10,12 +10,14 @@
 //! - [`ip_set`]: one app's IPs and their counts, in the layout that fits their number.
 //! - [`store`]: a worker's app table, partial answers, merge and classification.
 //! - [`socket`]: socket set-up, recvmmsg/sendmmsg, steering, kernel counters (all the unsafe).
+//! - [`sketch`]: a worker's sample of its traffic by steering key, for adaptive steering.
 //! - [`process`]: the process's own figures from /proc, for `/metrics`.
 //! - [`worker`]: the per-core mio loop and the commands it takes.
 //! - [`cluster`]: fan-out of commands to the workers, with a bounded wait.
 //! - [`snapshot`]: the state file that carries the counts across restarts.
 //! - [`gate`]: the public HTTP listener, which bounds connections, time and bytes per client.
 //! - [`metrics`]: `/metrics` text and the shutdown report, from plain values.
+//! - [`balancer`]: adaptive steering's thread: finds the hot apps and re-attaches the program.
 //! - [`redis_store`]: cluster mode's shared store: key layout, functions, slot routing.
 //! - [`flusher`]: cluster mode's node: unflushed deltas, the flusher thread, store queries.
 //! - [`backend`]: where answers come from, standalone or cluster mode; the API's one seam.
@@ -70,12 +72,14 @@ pub mod keyed_hash;
 pub mod ip_set;
 pub mod store;
 pub mod socket;
+pub mod sketch;
 pub mod process;
 pub mod worker;
 pub mod cluster;
 pub mod snapshot;
 pub mod gate;
 pub mod metrics;
+pub mod balancer;
 pub mod redis_store;
 pub mod flusher;
 pub mod backend;

@@ -1,8 +1,9 @@
 //! The server's lifecycle, and only that: it wires the parts together and sequences them.
 //! Bind the sockets, restore the state file, start and pin the workers, the gate, the HTTP
-//! thread and the snapshot thread, tell systemd when it is ready, wait for a signal or a
-//! failure, then tell systemd it is stopping, stop in order and report. What the flags mean
-//! is `config`'s; the state file's thread is `snapshotter`'s.
+//! thread, the snapshot thread and the balancer, tell systemd when it is ready, wait for a
+//! signal or a failure, then tell systemd it is stopping, stop in order and report. What the
+//! flags mean is `config`'s; the state file's thread is `snapshotter`'s, adaptive steering's
+//! is `balancer`'s.
 //!
 //! Set-up errors come back as one line naming what failed; nothing here runs per datagram.
 
@@ -18,6 +19,7 @@ use sd_notify::NotifyState;
 use std::path::{Path, PathBuf};
 
 use crate::backend::Backend;
+use crate::balancer::{Balancer, SteeringCounters, SteeringMetrics};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::flusher::{self, Flusher, FlusherThread, StoreMetrics, StoreView};
@@ -70,6 +72,8 @@ pub struct Server {
     pub unrestored_apps: usize,
     worker_threads: Vec<Option<JoinHandle<io::Result<WorkerExit>>>>,
     snapshotter: Option<Snapshotter>,
+    /// Adaptive steering's thread, with more than one worker.
+    balancer: Option<Balancer>,
     state: Option<PathBuf>,
     http_server: Arc<tiny_http::Server>,
     gate: Option<Gate>,
@@ -167,6 +171,15 @@ pub fn start(config: &Config) -> Result<Server, String> {
         addr: udp_addr,
         rcvbuf,
     } = bind_udp_group(config.udp, workers, config.rcvbuf, config.steering)?;
+    // The balancer re-attaches the group's program through a duplicate of one of its sockets.
+    let steering_socket = match config.steering == Steering::Adaptive && workers > 1 {
+        true => Some(
+            sockets[0]
+                .try_clone()
+                .map_err(|e| format!("duplicate the udp socket for adaptive steering: {e}"))?,
+        ),
+        false => None,
+    };
     let (listener, http_addr) = bind_http(config.http)?;
     let store_settings = config.store_settings(udp_addr.port())?;
     let connected = match config.cluster_mode() {
@@ -252,6 +265,15 @@ pub fn start(config: &Config) -> Result<Server, String> {
         )?),
         None => None,
     };
+    let steering_counters = Arc::new(SteeringCounters::default());
+    let balancer = match steering_socket {
+        Some(socket) => Some(Balancer::spawn(
+            Cluster::new(handles.clone(), budget.clone(), config.reply_timeout()),
+            socket,
+            steering_counters.clone(),
+        )?),
+        None => None,
+    };
     let workers_view = Cluster::new(handles.clone(), budget.clone(), config.reply_timeout())
         .with_max_ips(limits.max_ips_per_app);
     let (backend, flusher) = match connected {
@@ -287,6 +309,9 @@ pub fn start(config: &Config) -> Result<Server, String> {
     if let Some(source) = store_metrics {
         api = api.with_metric_source(source);
     }
+    if balancer.is_some() {
+        api = api.with_metric_source(Box::new(SteeringMetrics(steering_counters)));
+    }
     let http_server = Arc::new(http_server);
     let stopping = Arc::new(AtomicBool::new(false));
     let notice = ExitNotice {
@@ -316,6 +341,7 @@ pub fn start(config: &Config) -> Result<Server, String> {
         unrestored_apps,
         worker_threads,
         snapshotter,
+        balancer,
         state: config.state.clone(),
         http_server,
         gate: Some(gate),
@@ -376,6 +402,9 @@ impl Server {
             .map_err(|payload| format!("http thread failed: {}", panic_message(&*payload)))?;
         if let Some(snapshotter) = self.snapshotter.take() {
             snapshotter.stop();
+        }
+        if let Some(balancer) = self.balancer.take() {
+            balancer.stop();
         }
         let flusher = self.flusher.take().map(FlusherThread::stop).transpose()?;
         for worker in api.cluster().workers() {

@@ -27,6 +27,9 @@ pub enum Steering {
     /// The worker that the app's sha hashes to, read from the datagram itself: each app lives
     /// on one worker, whatever the senders.
     App,
+    /// As `app`, except for a few hot apps that the server finds in its own traffic and
+    /// spreads over every worker at random (see [`attach_adaptive_steering`]).
+    Adaptive,
 }
 
 impl std::fmt::Display for Steering {
@@ -36,6 +39,7 @@ impl std::fmt::Display for Steering {
             Steering::Cpu => "cpu",
             Steering::Random => "random",
             Steering::App => "app",
+            Steering::Adaptive => "adaptive",
         })
     }
 }
@@ -243,9 +247,51 @@ const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
 const BPF_ALU_OR_K: u16 = (libc::BPF_ALU | libc::BPF_OR | libc::BPF_K) as u16;
 const BPF_ALU_MUL_K: u16 = (libc::BPF_ALU | libc::BPF_MUL | libc::BPF_K) as u16;
 const BPF_ALU_RSH_K: u16 = (libc::BPF_ALU | libc::BPF_RSH | libc::BPF_K) as u16;
+const BPF_LD_MEM: u16 = (libc::BPF_LD | libc::BPF_MEM) as u16;
+const BPF_ST: u16 = libc::BPF_ST as u16;
+
+/// The most hot apps an adaptive steering program can spread. Classic BPF jumps are at most
+/// 255 instructions long, and the program's longest jump (from the first check of the
+/// datagram's header to the random fallback at its end) grows by four instructions a key:
+/// 32 keys keep it at 140. [`adaptive_program`]'s test checks every jump.
+pub const MAX_HOT_KEYS: usize = 32;
+
+/// What `app` and `adaptive` steering read from a datagram: the sha's first 8 hex digits as
+/// the two big-endian words at payload offsets 2 and 6, lower-cased (OR 0x20 on every byte,
+/// which leaves digits as they are), high word first. Each app has one key; a few apps may
+/// share one, which only means that they are steered together.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SteeringKey(pub u64);
+
+impl SteeringKey {
+    /// The key the steering program reads from any datagram for `app`.
+    pub fn of(app: &crate::wire::AppKey) -> SteeringKey {
+        let mut digits = [0u8; 8];
+        // The sha's first four bytes are its first eight hex digits; the program sees them
+        // lower-cased whatever case the sender used.
+        const_hex::encode_to_slice(&app.0[..4], &mut digits)
+            .expect("four bytes are eight hex digits");
+        SteeringKey(u64::from_be_bytes(digits))
+    }
+
+    /// The word at payload offset 2 (digits 1 to 4) and the one at offset 6 (digits 5 to 8).
+    fn words(self) -> (u32, u32) {
+        ((self.0 >> 32) as u32, self.0 as u32)
+    }
+}
+
+impl std::fmt::Display for SteeringKey {
+    /// The eight hex digits, as the program reads them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0
+            .to_be_bytes()
+            .iter()
+            .try_for_each(|byte| write!(f, "{}", byte.escape_ascii()))
+    }
+}
 
 /// The classic BPF program that picks a socket index for every datagram, or `None` for the
-/// kernel's own flow hash.
+/// kernel's own flow hash. `adaptive` starts with no hot app.
 fn steering_program(steering: Steering, sockets: u32) -> Option<Vec<libc::sock_filter>> {
     let op = |code: u16, k: u32| libc::sock_filter {
         code,
@@ -259,17 +305,10 @@ fn steering_program(steering: Steering, sockets: u32) -> Option<Vec<libc::sock_f
         jf: skip,
         k: value,
     };
-    let by_ancillary = |ancillary: i32| {
-        vec![
-            op(BPF_LD_W_ABS, (libc::SKF_AD_OFF + ancillary) as u32),
-            op(BPF_ALU_MOD_K, sockets),
-            op(BPF_RET_A, 0),
-        ]
-    };
     match steering {
         Steering::Hash => None,
-        Steering::Cpu => Some(by_ancillary(libc::SKF_AD_CPU)),
-        Steering::Random => Some(by_ancillary(libc::SKF_AD_RANDOM)),
+        Steering::Cpu => Some(by_ancillary(libc::SKF_AD_CPU, sockets).to_vec()),
+        Steering::Random => Some(by_ancillary(libc::SKF_AD_RANDOM, sockets).to_vec()),
         Steering::App => {
             // The program runs with the UDP payload at offset 0. A datagram that starts the
             // usual way, with the sha field (key 0x0a, length 64), goes to the worker that
@@ -289,21 +328,146 @@ fn steering_program(steering: Steering, sockets: u32) -> Option<Vec<libc::sock_f
                 op(BPF_ALU_MOD_K, sockets),
                 op(BPF_RET_A, 0),
             ];
-            program.extend(by_ancillary(libc::SKF_AD_RANDOM));
+            program.extend(by_ancillary(libc::SKF_AD_RANDOM, sockets));
             Some(program)
         }
+        Steering::Adaptive => Some(adaptive_program(sockets, &[])),
     }
+}
+
+/// Returns an ancillary value (the CPU, a random number) modulo `sockets`.
+fn by_ancillary(ancillary: i32, sockets: u32) -> [libc::sock_filter; 3] {
+    let op = |code: u16, k: u32| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    [
+        op(BPF_LD_W_ABS, (libc::SKF_AD_OFF + ancillary) as u32),
+        op(BPF_ALU_MOD_K, sockets),
+        op(BPF_RET_A, 0),
+    ]
+}
+
+/// The scratch memory words that hold the datagram's key while the program compares it.
+const MEM_HIGH_WORD: u32 = 0;
+const MEM_LOW_WORD: u32 = 1;
+
+/// The adaptive steering program: a datagram whose key is in `hot` goes to a random socket,
+/// any other datagram with the sha field first to the socket that `app` steering picks (the
+/// same hash of the same four hex digits), and anything else to a random socket. At most
+/// [`MAX_HOT_KEYS`] keys.
+///
+/// Layout, with every jump forward and the random fallback last:
+///
+/// ```text
+///  0..=3   the header checks: byte 0 is 0x0a and byte 1 is 64, else to the fallback
+///  4..=9   M[low] = word 6 | 0x20202020; M[high] = A = word 2 | 0x20202020
+///  per key (4 instructions), A holding the high word:
+///          A == high? else skip to the next key's first instruction
+///          A = M[low]; A == low? to the fallback
+///          A = M[high]
+///  then    the app hash of A, returned
+///  last    the random fallback (3 instructions)
+/// ```
+fn adaptive_program(sockets: u32, hot: &[SteeringKey]) -> Vec<libc::sock_filter> {
+    assert!(hot.len() <= MAX_HOT_KEYS, "{} hot keys", hot.len());
+    let op = |code: u16, k: u32| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    const HEADER: usize = 10;
+    const PER_KEY: usize = 4;
+    const APP_HASH: usize = 4;
+    let fallback = HEADER + PER_KEY * hot.len() + APP_HASH;
+    // A jump's offset counts from the instruction after it.
+    let to_fallback = |from: usize| {
+        u8::try_from(fallback - from - 1).expect("MAX_HOT_KEYS keeps every jump within 255")
+    };
+    let jump = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: BPF_JEQ_K,
+        jt,
+        jf,
+        k,
+    };
+    let mut program = vec![
+        op(BPF_LD_B_ABS, 0),
+        jump(0x0a, 0, to_fallback(1)),
+        op(BPF_LD_B_ABS, 1),
+        jump(64, 0, to_fallback(3)),
+        op(BPF_LD_W_ABS, 6),
+        op(BPF_ALU_OR_K, 0x2020_2020),
+        op(BPF_ST, MEM_LOW_WORD),
+        op(BPF_LD_W_ABS, 2),
+        // Lower-case the letters, as `app` steering does.
+        op(BPF_ALU_OR_K, 0x2020_2020),
+        op(BPF_ST, MEM_HIGH_WORD),
+    ];
+    for key in hot {
+        let (high, low) = key.words();
+        let at = program.len();
+        program.extend([
+            jump(high, 0, 3),
+            op(BPF_LD_MEM, MEM_LOW_WORD),
+            jump(low, to_fallback(at + 2), 0),
+            op(BPF_LD_MEM, MEM_HIGH_WORD),
+        ]);
+    }
+    program.extend([
+        op(BPF_ALU_MUL_K, 0x9e37_79b1),
+        op(BPF_ALU_RSH_K, 16),
+        op(BPF_ALU_MOD_K, sockets),
+        op(BPF_RET_A, 0),
+    ]);
+    debug_assert_eq!(program.len(), fallback);
+    program.extend(by_ancillary(libc::SKF_AD_RANDOM, sockets));
+    program
 }
 
 /// Attaches the steering program to the group that `socket` belongs to. Call it once every
 /// socket is bound: the program returns an index into the group in bind order.
 pub fn attach_steering(socket: &UdpSocket, steering: Steering, sockets: usize) -> io::Result<()> {
     let sockets = u32::try_from(sockets).map_err(|_| io::Error::other("too many sockets"))?;
-    let Some(mut program) = steering_program(steering, sockets) else {
-        return Ok(());
-    };
+    match steering_program(steering, sockets) {
+        Some(program) => attach_reuseport_program(socket, program),
+        None => Ok(()),
+    }
+}
+
+/// Replaces the group's program with adaptive steering that spreads the apps of the `hot`
+/// keys (at most [`MAX_HOT_KEYS`]) over every socket and steers every other app as `app`
+/// steering does.
+///
+/// The kernel swaps the group's program atomically (one RCU pointer), and runs exactly one
+/// program, the old or the new, for each datagram, to pick exactly one socket; a datagram
+/// already queued on a socket stays there. So a swap neither loses a datagram nor delivers
+/// one twice: it only changes which worker counts the datagrams that follow.
+pub fn attach_adaptive_steering(
+    socket: &UdpSocket,
+    sockets: usize,
+    hot: &[SteeringKey],
+) -> io::Result<()> {
+    let sockets = u32::try_from(sockets).map_err(|_| io::Error::other("too many sockets"))?;
+    if hot.len() > MAX_HOT_KEYS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} hot keys, more than {MAX_HOT_KEYS}", hot.len()),
+        ));
+    }
+    attach_reuseport_program(socket, adaptive_program(sockets, hot))
+}
+
+/// SO_ATTACH_REUSEPORT_CBPF: the kernel copies and checks the program, then makes it the
+/// group's, replacing any program attached before.
+fn attach_reuseport_program(
+    socket: &UdpSocket,
+    mut program: Vec<libc::sock_filter>,
+) -> io::Result<()> {
     let fprog = libc::sock_fprog {
-        len: program.len() as u16,
+        len: u16::try_from(program.len()).map_err(|_| io::Error::other("program too long"))?,
         filter: program.as_mut_ptr(),
     };
     // SAFETY: `fprog` points to `program`, which outlives the call; the kernel copies it.
@@ -610,6 +774,193 @@ mod tests {
         assert_eq!(program[fallback - 1].code, BPF_RET_A);
         assert_eq!(program[fallback - 2].k, 3);
         assert_eq!(program.last().unwrap().code, BPF_RET_A);
+    }
+
+    /// Runs a classic BPF program as the kernel's reuseport hook does, over a UDP payload,
+    /// with `random` as SKF_AD_RANDOM. A load past the payload's end ends the program with 0,
+    /// as in the kernel. Only the opcodes the steering programs use.
+    fn run(program: &[libc::sock_filter], payload: &[u8], random: u32) -> u32 {
+        let (mut a, mut mem, mut pc) = (0u32, [0u32; 16], 0);
+        loop {
+            let op = program[pc];
+            let k = op.k as usize;
+            pc += 1;
+            match op.code {
+                BPF_LD_B_ABS => match payload.get(k) {
+                    Some(&byte) => a = byte.into(),
+                    None => return 0,
+                },
+                BPF_LD_W_ABS if op.k == (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32 => {
+                    a = random
+                }
+                BPF_LD_W_ABS => match payload.get(k..k + 4) {
+                    Some(word) => a = u32::from_be_bytes(word.try_into().unwrap()),
+                    None => return 0,
+                },
+                BPF_LD_MEM => a = mem[k],
+                BPF_ST => mem[k] = a,
+                BPF_ALU_OR_K => a |= op.k,
+                BPF_ALU_MUL_K => a = a.wrapping_mul(op.k),
+                BPF_ALU_RSH_K => a >>= op.k,
+                BPF_ALU_MOD_K => a %= op.k,
+                BPF_JEQ_K => pc += usize::from(if a == op.k { op.jt } else { op.jf }),
+                BPF_RET_A => return a,
+                code => panic!("opcode {code:#x} is not interpreted"),
+            }
+        }
+    }
+
+    /// A sha whose first eight hex digits, its steering key, are `n`'s.
+    fn sha_of(n: u32) -> String {
+        format!("{n:08x}{}", "5".repeat(56))
+    }
+
+    fn key_of(sha: &str) -> SteeringKey {
+        SteeringKey::of(&crate::wire::AppKey::from_hex(sha.as_bytes()).unwrap())
+    }
+
+    #[test]
+    fn adaptive_jumps_stay_inside_the_program() {
+        for keys in [0, 1, 2, MAX_HOT_KEYS] {
+            let hot: Vec<SteeringKey> = (0..keys as u32).map(|n| key_of(&sha_of(n))).collect();
+            let program = adaptive_program(3, &hot);
+            for (i, op) in program.iter().enumerate() {
+                if op.code == BPF_JEQ_K {
+                    for offset in [op.jt, op.jf] {
+                        assert!(
+                            i + 1 + usize::from(offset) < program.len(),
+                            "{keys} keys: {i}"
+                        );
+                    }
+                }
+            }
+            // Both exits return.
+            assert_eq!(program.last().unwrap().code, BPF_RET_A);
+            assert_eq!(program[program.len() - 4].code, BPF_RET_A);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "33 hot keys")]
+    fn adaptive_refuses_more_keys_than_fit() {
+        let hot = vec![SteeringKey(0); MAX_HOT_KEYS + 1];
+        adaptive_program(3, &hot);
+    }
+
+    #[test]
+    fn steering_key_is_what_the_program_reads() {
+        for sha in [sha_of(0x0123_4567), "AbCdEf01".repeat(8)] {
+            let datagram = crate::wire::encode(&sha, 1);
+            let word = |at: usize| {
+                u64::from(u32::from_be_bytes(datagram[at..at + 4].try_into().unwrap()))
+                    | 0x2020_2020
+            };
+            assert_eq!(key_of(&sha), SteeringKey(word(2) << 32 | word(6)), "{sha}");
+        }
+    }
+
+    #[test]
+    fn adaptive_spreads_hot_apps_and_steers_the_rest_as_app_does() {
+        let sockets = 3;
+        let app = steering_program(Steering::App, sockets).unwrap();
+        let hot_shas = [sha_of(0xaaaa_0001), sha_of(0xbbbb_0002)];
+        let hot: Vec<SteeringKey> = hot_shas.iter().map(|sha| key_of(sha)).collect();
+        // (hot set, datagram, SKF_AD_RANDOM) and the socket the program must pick.
+        #[track_caller]
+        fn check(hot: &[SteeringKey], datagram: &[u8], random: u32, want: u32) {
+            let program = adaptive_program(3, hot);
+            assert_eq!(run(&program, datagram, random), want, "{datagram:02x?}");
+        }
+        let by_app = |datagram: &[u8]| run(&app, datagram, 0);
+        for n in 0..2_000u32 {
+            let sha = sha_of(n.wrapping_mul(0x9e37_79b9));
+            let datagram = crate::wire::encode(&sha, 1);
+            // A cold app goes where `app` steering sends it, whatever the random number and
+            // whatever the hot set, in either case of hex digits.
+            for hot in [&[][..], &hot[..]] {
+                check(hot, &datagram, 1, by_app(&datagram));
+                check(hot, &datagram, 2, by_app(&datagram));
+                let upper = crate::wire::encode(&sha.to_uppercase(), 1);
+                check(hot, &upper, 1, by_app(&datagram));
+            }
+        }
+        for sha in &hot_shas {
+            for datagram in [
+                crate::wire::encode(sha, 7),
+                crate::wire::encode(&sha.to_uppercase(), 7),
+            ] {
+                check(&hot, &datagram, 4, 1);
+                check(&hot, &datagram, 5, 2);
+                check(&[], &datagram, 5, by_app(&datagram));
+            }
+        }
+        // An app that shares only the first four hex digits with a hot one is not hot.
+        let near = crate::wire::encode(&sha_of(0xaaaa_0009), 1);
+        check(&hot, &near, 5, by_app(&near));
+        // Anything but the sha field first goes to a random socket; a datagram too short to
+        // hold the key ends the program at the load, which picks socket 0.
+        check(&hot, b"\x12\x04abcd", 5, 2);
+        check(&hot, &[0x0a, 63, b'a'], 4, 1);
+        check(&hot, &[0x0a, 64, b'a', b'b'], 4, 0);
+        // The fullest hot set: every key spread, a cold app still hashed.
+        let full: Vec<SteeringKey> = (0..MAX_HOT_KEYS as u32)
+            .map(|n| key_of(&sha_of(n << 8)))
+            .collect();
+        for n in 0..MAX_HOT_KEYS as u32 {
+            check(&full, &crate::wire::encode(&sha_of(n << 8), 1), 7, 1);
+        }
+        check(&full, &near, 7, by_app(&near));
+    }
+
+    /// Which socket of `sockets` each datagram reached: counts per socket, read until every
+    /// one of `sent` has arrived.
+    fn landed(sockets: &[UdpSocket], sent: usize) -> Vec<usize> {
+        let mut counts = vec![0; sockets.len()];
+        let mut batch = RecvBatch::new(64);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while counts.iter().sum::<usize>() < sent {
+            assert!(std::time::Instant::now() < deadline, "{counts:?} of {sent}");
+            for (socket, count) in sockets.iter().zip(&mut counts) {
+                match batch.recv(socket) {
+                    Ok(n) => *count += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("recv: {e}"),
+                }
+            }
+        }
+        counts
+    }
+
+    #[test]
+    fn adaptive_steering_swaps_programs_on_a_live_group() {
+        let (sockets, _) =
+            bind_reuseport_group("127.0.0.1:0".parse().unwrap(), 2, 1 << 20).unwrap();
+        attach_steering(&sockets[0], Steering::Adaptive, 2).unwrap();
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sender.connect(sockets[0].local_addr().unwrap()).unwrap();
+        let hot_sha = sha_of(0x1234_5678);
+        let send = |sha: &str, times: usize| {
+            let datagram = crate::wire::encode(sha, 1);
+            for _ in 0..times {
+                sender.send(&datagram).unwrap();
+            }
+            landed(&sockets, times)
+        };
+        let on_one_socket = |counts: &[usize]| counts.iter().filter(|&&n| n > 0).count() == 1;
+        // With no hot app, one sender's app lands on one socket.
+        assert!(on_one_socket(&send(&hot_sha, 200)));
+        // Hot, it lands on both; another app still on one. The odds that 200 random picks all
+        // fall on one socket are 2^-199.
+        let hot = [key_of(&hot_sha)];
+        attach_adaptive_steering(&sockets[1], 2, &hot).unwrap();
+        assert!(!on_one_socket(&send(&hot_sha, 200)));
+        assert!(on_one_socket(&send(&sha_of(0x9999_0000), 200)));
+        // Cooled down, it is back on one socket.
+        attach_adaptive_steering(&sockets[0], 2, &[]).unwrap();
+        assert!(on_one_socket(&send(&hot_sha, 200)));
+        let too_many = vec![SteeringKey(0); MAX_HOT_KEYS + 1];
+        let refused = attach_adaptive_steering(&sockets[0], 2, &too_many).unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::sketch::{HeavyHitters, Sampler};
 use crate::socket::{self, RecvBatch};
 use crate::store::{AppRecord, AppTable, Applied, Partial};
 use crate::wire::{self, AppKey, Event, Reject};
@@ -63,6 +64,9 @@ pub enum Command {
     /// Hand over the table and carry on with an empty one (cluster mode: the flusher takes
     /// what the worker counted since the last time). O(1) for the worker.
     TakeTable { reply: Sender<AppTable> },
+    /// The sample of the traffic since the last time (adaptive steering's balancer); the
+    /// worker starts a new one.
+    HeavyHitters { reply: Sender<HeavyHitters> },
     /// Drain the socket and stop.
     Shutdown,
 }
@@ -244,6 +248,7 @@ pub struct Worker {
     readable: bool,
     last_error_log: Option<Instant>,
     snapshot: Option<SnapshotJob>,
+    sampler: Sampler,
 }
 
 impl Worker {
@@ -275,6 +280,7 @@ impl Worker {
             readable: true,
             last_error_log: None,
             snapshot: None,
+            sampler: Sampler::default(),
         };
         let handle = WorkerHandle {
             id,
@@ -366,6 +372,9 @@ impl Worker {
                 // A snapshot in progress copies from the new table; cluster mode has none.
                 let _ = reply.send(self.table.take());
             }
+            Command::HeavyHitters { reply } => {
+                let _ = reply.send(self.sampler.take());
+            }
             Command::Snapshot { shard, reply } => {
                 // Copying the keys is the only stall: 32 bytes an app of the shard, about 0.1
                 // ms for a million apps' shard. A snapshot still in progress was given up by
@@ -441,6 +450,7 @@ impl Worker {
         };
         let datagrams = (0..received).map(|i| self.batch.datagram(i));
         apply_batch(datagrams, &mut self.events, &mut self.table, &mut tally);
+        self.sampler.sample(&self.events);
         tally.publish(&self.counters);
         if received > 0 {
             // The arrival of the batch's last (newest) datagram; an error here only costs

@@ -52,7 +52,14 @@ fn closed_by_server(stream: &mut TcpStream) -> bool {
 /// whichever worker the kernel steers them to.
 #[test]
 fn a_spoofed_app_flood_does_not_drop_a_tracked_apps_events() {
-    let server = Server::start(&["--workers", "2", "--max-apps", "100"]);
+    let server = Server::start(&[
+        "--workers",
+        "2",
+        "--max-apps",
+        "100",
+        "--steering",
+        "random",
+    ]);
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     socket.connect(server.udp).unwrap();
     let victim = "a1".repeat(32);

@@ -9,12 +9,13 @@ use crate::support::{self, labelled_metric, send_events, Reference, Server};
 /// the last send with no settling wait, so the counts also prove read-your-writes.
 #[test]
 fn reference_traffic_is_counted_exactly_under_every_steering() {
-    let cases: [(&str, &str, usize); 5] = [
+    let cases: [(&str, &str, usize); 6] = [
         ("1", "hash", 1),
         ("2", "hash", 16),
         ("2", "cpu", 4),
         ("2", "random", 1),
         ("2", "app", 16),
+        ("2", "adaptive", 1),
     ];
     for (seed, (workers, steering, sockets)) in cases.into_iter().enumerate() {
         let server = Server::start(&["--workers", workers, "--steering", steering]);

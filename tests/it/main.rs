@@ -13,5 +13,6 @@ mod metrics;
 mod redis_cluster;
 mod regressions;
 mod restart;
+mod steering;
 mod support;
 mod systemd;
