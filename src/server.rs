@@ -30,8 +30,8 @@ use crate::metrics::{self, Totals};
 use crate::signals::{self, CaughtSignals, SignalAction};
 use crate::snapshot::{self, SnapshotCounters, StateWriter};
 use crate::snapshotter::{self, SnapshotRequest, Snapshotter};
-use crate::socket::{self, Rcvbuf, Steering};
-use crate::store::{AppBudget, AppTable};
+use crate::socket::{self, Rcvbuf, Steering, SteeringKey};
+use crate::store::{AppBudget, AppRecord, AppTable};
 use crate::worker::{Command, Worker, WorkerExit, WorkerStats};
 use core_affinity::CoreId;
 
@@ -213,10 +213,17 @@ pub fn start(config: &Config) -> Result<Server, String> {
     let mut tables: Vec<AppTable> = (0..workers)
         .map(|_| AppTable::new(limits, budget.clone()))
         .collect();
+    // Each app goes to the worker its datagrams will reach: under app and adaptive steering
+    // the one its sha steers to, so that a restart does not leave a second entry for every
+    // app; under the others, any worker, in turn.
+    let home = |i: usize, record: &AppRecord| match config.steering {
+        Steering::App | Steering::Adaptive => SteeringKey::of(&record.app).app_socket(workers),
+        Steering::Hash | Steering::Cpu | Steering::Random => i % workers,
+    };
     let restored_apps = records
         .iter()
         .enumerate()
-        .filter(|(i, record)| tables[i % workers].restore(record))
+        .filter(|&(i, record)| tables[home(i, record)].restore(record))
         .count();
     let unrestored_apps = records.len() - restored_apps;
     drop(records);

@@ -274,6 +274,14 @@ impl SteeringKey {
         SteeringKey(u64::from_be_bytes(digits))
     }
 
+    /// The socket (worker) that `app` and `adaptive` steering send an app of this key to
+    /// while it is not hot: what the programs compute from the word at offset 2.
+    pub fn app_socket(self, sockets: usize) -> usize {
+        let word = self.words().0 | 0x2020_2020;
+        let hashed = word.wrapping_mul(0x9e37_79b1) >> 16;
+        hashed as usize % sockets.max(1)
+    }
+
     /// The word at payload offset 2 (digits 1 to 4) and the one at offset 6 (digits 5 to 8).
     fn words(self) -> (u32, u32) {
         ((self.0 >> 32) as u32, self.0 as u32)
@@ -856,6 +864,25 @@ mod tests {
                     | 0x2020_2020
             };
             assert_eq!(key_of(&sha), SteeringKey(word(2) << 32 | word(6)), "{sha}");
+        }
+    }
+
+    #[test]
+    fn app_socket_is_where_the_program_sends_a_cold_app() {
+        let mut rng_state = 0x1234_5678u32;
+        for sockets in [1u32, 2, 3, 7, 64] {
+            let program = steering_program(Steering::App, sockets).unwrap();
+            for _ in 0..200 {
+                rng_state = rng_state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                let sha = sha_of(rng_state);
+                let datagram = crate::wire::encode(&sha, 1);
+                let want = run(&program, &datagram, 0);
+                assert_eq!(
+                    key_of(&sha).app_socket(sockets as usize),
+                    want as usize,
+                    "{sha} over {sockets}"
+                );
+            }
         }
     }
 

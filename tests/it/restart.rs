@@ -161,3 +161,54 @@ fn a_bad_state_file_is_refused_unless_told_to_set_it_aside() {
         fs::remove_file(&aside[0]).unwrap();
     }
 }
+
+/// Under adaptive steering (the default) each restored app goes to the worker its datagrams
+/// reach, so that a restart does not leave two entries of every app; and a state of many
+/// apps, written a shard at a time, reads back whole.
+#[test]
+fn restored_apps_live_where_their_datagrams_land() {
+    let dir = StateDir::new("home");
+    let state = dir.file();
+    let apps = 2_000u32;
+    let sha = |n: u32| format!("{:08x}", n.wrapping_mul(0x9e37_79b9)).repeat(8);
+    let send_round = |server: &Server, round: u32| {
+        let sockets: Vec<std::net::UdpSocket> = (0..8)
+            .map(|_| {
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                socket.connect(server.udp).unwrap();
+                socket
+            })
+            .collect();
+        for n in 0..apps {
+            let datagram = ipevents::wire::encode(&sha(n), i64::from(0x0a00_0001 + round));
+            support::send_datagram(&sockets[n as usize % sockets.len()], &datagram);
+        }
+        server.answer(&sha(0));
+    };
+    let entries = |server: &Server| {
+        let metrics = server.get("/metrics").text();
+        (
+            support::metric(&metrics, "ipevents_apps_tracked"),
+            support::metric(&metrics, "ipevents_app_entries"),
+        )
+    };
+    let server = Server::start(&["--workers", "2", "--state", &state]);
+    send_round(&server, 0);
+    send_round(&server, 1);
+    assert_eq!(entries(&server), (u64::from(apps), u64::from(apps)));
+    let exit = server.stop();
+    assert!(exit.status.success(), "{}", exit.stderr);
+    assert!(
+        exit.stderr.contains(&format!("wrote {apps} apps")),
+        "{}",
+        exit.stderr
+    );
+
+    let server = Server::start(&["--workers", "2", "--state", &state]);
+    assert_eq!(entries(&server), (u64::from(apps), u64::from(apps)));
+    send_round(&server, 2);
+    assert_eq!(entries(&server), (u64::from(apps), u64::from(apps)));
+    for n in (0..apps).step_by(97) {
+        assert_eq!(server.answer(&sha(n))["count"], 3, "app {n}");
+    }
+}
