@@ -141,12 +141,17 @@ class Bench:
     def ipevents_with(self, feature):
         """The server built with the Cargo `feature` (an allocator) besides `tools`, in a
         target directory of its own under the bench's, built now unless `--no-build`; the
-        release build for None; None when there is no such binary."""
+        release build for None; None when the build failed or there is no such binary."""
         if feature is None:
             return self.binaries["ipevents"]
         target_dir = self.target_dir / f"bench-{feature.removeprefix('alloc-')}"
         if self.may_build:
-            build(target_dir, features=f"tools,{feature}", bins=("--bin", "ipevents"))
+            try:
+                build(target_dir, features=f"tools,{feature}", bins=("--bin", "ipevents"))
+            except subprocess.CalledProcessError as error:
+                # An older binary in that directory would not be this revision's.
+                log(f"the build with {feature} failed ({error}); its figures are skipped")
+                return None
         binary = target_dir / "release" / "ipevents"
         return str(binary) if os.access(binary, os.X_OK) else None
 

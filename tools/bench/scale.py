@@ -201,11 +201,18 @@ def warm_drain(bench, server):
     return measure_drain(bench, server, bench.settings.capacity_count, sockets=1, reset=False)
 
 
+def balance_order(run_index):
+    """The modes of one balance run, in the order measured: they alternate from run to run,
+    so that neither always goes first on a machine whose load drifts."""
+    modes = (("default", ()), ("random", ("--steering", "random")))
+    return modes if run_index % 2 == 0 else modes[::-1]
+
+
 def balance(bench):
     runs = []
-    for _ in range(bench.settings.runs):
+    for run_index in range(bench.settings.runs):
         run = {}
-        for mode, flags in (("default", ()), ("random", ("--steering", "random"))):
+        for mode, flags in balance_order(run_index):
             with bench.receiver("ipevents", "--workers", SCALE_WORKERS,
                                 "--rcvbuf", CAPACITY_RCVBUF_BYTES, *flags) as server:
                 bench.check_rcvbuf("scale", server, CAPACITY_RCVBUF_BYTES)
@@ -455,7 +462,8 @@ def balance_table(bench, runs):
         "datagrams are steered by the kernel when they are queued, so before each drain the "
         f"server, in both modes alike, takes {WARM_UP_S} s of the same traffic at "
         f"{fmt.rate(WARM_UP_RATE_PER_S)}/s from the same one socket, and is not reset before "
-        "the drain, so that a steering that learns from the traffic has learnt. Goal: default "
+        "the drain, so that a steering that learns from the traffic has learnt. Each mode has "
+        "a server of its own; which goes first alternates from run to run. Goal: default "
         f"over random at least {BALANCE_GOAL}.",
         "",
         fmt.table(["steering", "events/s", "busiest worker", "kernel drops", "N"], rows),

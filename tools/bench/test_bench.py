@@ -228,6 +228,13 @@ class ScaleFigures(unittest.TestCase):
                          (0.004, "p99.9 (/metrics; no max there)"))
         self.assertEqual(scale.longest_batch_s(None, {}), (None, "n/a"))
 
+    def test_balance_alternates_which_mode_goes_first(self):
+        firsts = [scale.balance_order(run)[0][0] for run in range(4)]
+        self.assertEqual(firsts, ["default", "random", "default", "random"])
+        for run in range(2):
+            self.assertEqual(sorted(mode for mode, _ in scale.balance_order(run)),
+                             ["default", "random"])
+
     def test_verdicts(self):
         for value, goal, at_most, want in ((0.02, 0.02, True, "yes"), (0.021, 0.02, True, "no"),
                                            (0.9, 0.9, False, "yes"), (0.89, 0.9, False, "no"),
