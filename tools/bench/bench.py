@@ -316,8 +316,10 @@ def main(argv):
                    + sections.notes(bench, "memory"))
         text = write_report(bench, command, started, [section])
     elif args.scale_only:
-        section = scale.scale_section(bench, scale.step_scale(bench))
-        text = write_report(bench, command, started, [section + sections.notes(bench, "scale")])
+        # Its bytes per pair are step 4's measurement, which leaves its notes under "memory".
+        section = (scale.scale_section(bench, scale.step_scale(bench))
+                   + sections.notes(bench, "scale") + sections.notes(bench, "memory"))
+        text = write_report(bench, command, started, [section])
     elif args.cluster_only:
         section = cluster.cluster_section(bench, cluster.step_cluster(bench))
         text = write_report(bench, command, started, [section + sections.notes(bench, "cluster")])

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
@@ -323,12 +324,16 @@ class Receiver:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         request = urllib.request.Request(f"http://{self.http_address}/events", method="DELETE")
         started = time.monotonic()
-        with opener.open(request, timeout=HTTP_TIMEOUT_S) as response:
-            response.read()
-            status = response.status
+        try:
+            with opener.open(request, timeout=HTTP_TIMEOUT_S) as response:
+                response.read()
+                status = response.status
+        except urllib.error.HTTPError as error:
+            status = error.code
         elapsed_s = time.monotonic() - started
         if status != 204:
-            raise BenchError(f"{self.kind}: DELETE /events answered {status}")
+            raise BenchError(f"{self.kind}: DELETE /events answered {status} after "
+                             f"{elapsed_s * 1000:.0f} ms")
         return elapsed_s
 
     def pause(self):

@@ -29,6 +29,7 @@ from steps import (
     log,
     measure_drain,
     step_memory,
+    timed_reset_or_note,
 )
 
 # Workers of the node under test where the measurement does not vary them: the machine the
@@ -259,7 +260,7 @@ def reset_run(bench, binary):
                         "--rcvbuf", CAPACITY_RCVBUF_BYTES, binary=binary) as server:
         load = load_pairs(bench, server, apps, RESET_GOOD_IPS, RESET_BAD_IPS, 1,
                           LOAD_RATE_PER_S)
-        reset_s = server.timed_reset_s()
+        reset_s = timed_reset_or_note(bench, "scale", server)
         reset_done = time.monotonic()
         later = {}
         for offset_s in RSS_AFTER_RESET_S:
@@ -288,7 +289,8 @@ def reset_and_given_back(bench):
             note_loss(bench, f"reset, {name}", run)
             runs.append(run)
             given = run["given_back"]
-            log(f"scale: {name}: DELETE /events {run['reset_s'] * 1000:.1f} ms, "
+            reset = "n/a" if run["reset_s"] is None else f"{run['reset_s'] * 1000:.1f} ms"
+            log(f"scale: {name}: DELETE /events {reset}, "
                 f"{'n/a' if given is None else fmt.percent(given * 100)} given back at "
                 f"{RSS_AFTER_RESET_S[-1]} s, {run['per_pair']:.1f} B/pair")
         results[name] = runs
