@@ -12,7 +12,9 @@ writes `bench-out/report.md` (also printed) and `bench-out/loss.svg`, with the l
 process in `bench-out/logs/`. Every figure is the median of `--runs` runs (3; 1 with
 `--quick`), with min and max. It needs Python 3 and its standard library only; the plot is
 drawn with matplotlib when it is installed (Debian: `apt-get install python3-matplotlib`, for
-the system `python3`), and written as a plain SVG otherwise. All traffic stays on loopback. A full run takes about 15 minutes after the build; `--quick` one to two.
+the system `python3`), and written as a plain SVG otherwise. All traffic stays on loopback. A full run takes about 45 minutes after the build, two thirds of
+it step 7 (about 10 minutes a run, plus two builds of the server the first time); `--quick`
+a few minutes.
 
 The helpers' unit tests: `PYTHONDONTWRITEBYTECODE=1 python3 -m unittest discover -s tools/bench`.
 

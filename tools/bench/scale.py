@@ -396,7 +396,8 @@ def share(value):
 
 
 def seconds_as_ms(value):
-    return fmt.ms(value * 1000)
+    """Milliseconds below a second, seconds above: `178 ms`, `4.82 s`."""
+    return fmt.ms(value * 1000) if value < 1 else f"{value:.3g} s"
 
 
 def printed_steering(runs):

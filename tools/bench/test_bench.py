@@ -235,6 +235,10 @@ class ScaleFigures(unittest.TestCase):
             self.assertEqual(sorted(mode for mode, _ in scale.balance_order(run)),
                              ["default", "random"])
 
+    def test_durations_in_their_unit(self):
+        self.assertEqual(scale.seconds_as_ms(0.178), "178 ms")
+        self.assertEqual(scale.seconds_as_ms(4.818), "4.82 s")
+
     def test_verdicts(self):
         for value, goal, at_most, want in ((0.02, 0.02, True, "yes"), (0.021, 0.02, True, "no"),
                                            (0.9, 0.9, False, "yes"), (0.89, 0.9, False, "no"),
