@@ -12,7 +12,9 @@ writes `bench-out/report.md` (also printed) and `bench-out/loss.svg`, with the l
 process in `bench-out/logs/`. Every figure is the median of `--runs` runs (3; 1 with
 `--quick`), with min and max. It needs Python 3 and its standard library only; the plot is
 drawn with matplotlib when it is installed (Debian: `apt-get install python3-matplotlib`, for
-the system `python3`), and written as a plain SVG otherwise. All traffic stays on loopback. A full run takes about 15 minutes after the build; `--quick` one to two.
+the system `python3`), and written as a plain SVG otherwise. All traffic stays on loopback. A full run takes about 45 minutes after the build, two thirds of
+it step 7 (about 10 minutes a run, plus two builds of the server the first time); `--quick`
+a few minutes.
 
 The helpers' unit tests: `PYTHONDONTWRITEBYTECODE=1 python3 -m unittest discover -s tools/bench`.
 
@@ -33,6 +35,13 @@ What it measures, in order:
 6. Cluster mode (`cluster.py`, when redis-server is installed): a 3-primary Redis Cluster on
    loopback; a node's capacity in cluster mode against standalone, two nodes, store writes
    per event, the flush rate of distinct pairs, and query latency through the store.
+7. One node at full scale (`scale.py`; also with `--scale-only`), each against its goal: RSS
+   growth with 4 workers against 1; capacity with the default steering against `random`
+   from one sender socket; the longest batch while 2,000,000 new apps arrive; the time of
+   `DELETE /events` and the memory given back after it, for each allocator the server can be
+   built with (glibc's, `alloc-mimalloc`, `alloc-jemalloc`; each built into its own target
+   directory under the bench's); bytes per pair with a million apps of 16 IPs; and the RSS
+   rise while a snapshot is written.
 """
 
 import argparse
@@ -51,6 +60,7 @@ sys.dont_write_bytecode = True
 
 import cluster  # noqa: E402 (after the line above on purpose)
 import report as fmt  # noqa: E402
+import scale  # noqa: E402
 import sections  # noqa: E402
 import steps  # noqa: E402
 from loadgen import Loadgen  # noqa: E402
@@ -77,6 +87,9 @@ class Settings:
     query_duration_s: float
     memory_apps: int
     reference_duration_s: float
+    scale_workers_apps: int
+    scale_growth_apps: int
+    scale_reset_apps: int
 
     @staticmethod
     def of(args):
@@ -85,19 +98,25 @@ class Settings:
         if args.quick:
             sizes = dict(capacity_count=100_000, search_count=200_000, search_max_s=10,
                          query_apps=10_000, query_load_count=200_000, query_duration_s=5,
-                         memory_apps=100_000, reference_duration_s=5)
+                         memory_apps=100_000, reference_duration_s=5,
+                         scale_workers_apps=10_000, scale_growth_apps=100_000,
+                         scale_reset_apps=50_000)
         else:
             sizes = dict(capacity_count=1_000_000, search_count=2_000_000, search_max_s=30,
                          query_apps=100_000, query_load_count=2_000_000, query_duration_s=20,
-                         memory_apps=1_000_000, reference_duration_s=60)
+                         memory_apps=1_000_000, reference_duration_s=60,
+                         scale_workers_apps=200_000, scale_growth_apps=2_000_000,
+                         scale_reset_apps=1_000_000)
         return Settings(quick=args.quick, runs=runs, seed=args.seed, cores=cores, **sizes)
 
 
 class Bench:
     """The binaries, the output directory, and the notes the steps leave for the report."""
 
-    def __init__(self, settings, target_dir, out):
+    def __init__(self, settings, target_dir, out, may_build=True):
         self.settings = settings
+        self.target_dir = target_dir
+        self.may_build = may_build
         self.binaries = {name: str(target_dir / "release" / name)
                          for name in ("ipevents", "discard", "loadgen", "microbench")}
         self.out = out
@@ -113,11 +132,30 @@ class Bench:
         self.notes.setdefault(step, []).append(text)
         log(f"note: {text}")
 
-    def receiver(self, kind, *flags):
-        binary = self.binaries["ipevents" if kind == "ipevents" else "discard"]
+    def receiver(self, kind, *flags, binary=None):
+        """A receiver of `kind` with `flags`; `binary` replaces the release build's (another
+        allocator's build of the server)."""
+        binary = binary or self.binaries["ipevents" if kind == "ipevents" else "discard"]
         if kind == "ipevents":
             flags = (*flags, *self.server_flags)
         return Receiver(binary, kind, flags, self.logs / f"{kind}.log")
+
+    def ipevents_with(self, feature):
+        """The server built with the Cargo `feature` (an allocator) besides `tools`, in a
+        target directory of its own under the bench's, built now unless `--no-build`; the
+        release build for None; None when the build failed or there is no such binary."""
+        if feature is None:
+            return self.binaries["ipevents"]
+        target_dir = self.target_dir / f"bench-{feature.removeprefix('alloc-')}"
+        if self.may_build:
+            try:
+                build(target_dir, features=f"tools,{feature}", bins=("--bin", "ipevents"))
+            except subprocess.CalledProcessError as error:
+                # An older binary in that directory would not be this revision's.
+                log(f"the build with {feature} failed ({error}); its figures are skipped")
+                return None
+        binary = target_dir / "release" / "ipevents"
+        return str(binary) if os.access(binary, os.X_OK) else None
 
     def check_rcvbuf(self, step, receiver, requested):
         if receiver.rcvbuf_bytes < requested:
@@ -175,24 +213,25 @@ def parse_args(argv):
     parser.add_argument("--memory-only", type=int, default=None, metavar="RATE",
                         help="run step 4 (memory) only, writing at RATE datagrams/s with two "
                              "sender threads")
+    parser.add_argument("--scale-only", action="store_true",
+                        help="run step 7 (one node at full scale) only; builds the server "
+                             "with each allocator feature")
     args = parser.parse_args(argv)
     if args.runs is not None and args.runs < 1:
         parser.error("--runs must be at least 1")
     return args
 
 
-def build(target_dir):
-    log(f"building: cargo build --release --features tools --bins (target dir {target_dir})")
+def build(target_dir, features="tools", bins=("--bins",)):
+    argv = ["cargo", "build", "--release", "--features", features, *bins]
+    log(f"building: {' '.join(argv)} (target dir {target_dir})")
     env = dict(os.environ, CARGO_TARGET_DIR=str(target_dir))
-    subprocess.run(
-        ["cargo", "build", "--release", "--features", "tools", "--bins"],
-        cwd=REPO, env=env, check=True,
-    )
+    subprocess.run(argv, cwd=REPO, env=env, check=True)
 
 
 @dataclass
 class Results:
-    """What the five steps measured, and what they measured it at."""
+    """What the seven steps measured, and what they measured it at."""
 
     capacity: dict
     micro: tuple
@@ -204,13 +243,14 @@ class Results:
     memory: list
     reference: list
     cluster: dict
+    scale: dict
 
 
 def run_steps(bench):
-    log("step 1/6: receiver capacity")
+    log("step 1/7: receiver capacity")
     capacity = steps.step_capacity(bench)
     micro = steps.step_micro(bench)
-    log("step 2/6: lossless paced rate")
+    log("step 2/7: lossless paced rate")
     searches = steps.step_lossless(bench)
     plotter = write_loss_plot(
         bench.out / "loss.svg",
@@ -226,16 +266,18 @@ def run_steps(bench):
         bench.note("queries", "no lossless rate was found for the server; steps 3 and 4 use "
                               f"{fmt.rate(server_rate)}/s")
     threads = max(search.threads() for search in searches["ipevents"])
-    log("step 3/6: query latency")
+    log("step 3/7: query latency")
     queries = steps.step_queries(bench, server_rate, threads)
-    log("step 4/6: memory")
+    log("step 4/7: memory")
     memory = steps.step_memory(bench, server_rate, threads)
-    log("step 5/6: reference scenario at 33,000 datagrams/s")
+    log("step 5/7: reference scenario at 33,000 datagrams/s")
     reference = steps.step_reference(bench)
-    log("step 6/6: cluster mode")
+    log("step 6/7: cluster mode")
     clustered = cluster.step_cluster(bench)
+    log("step 7/7: one node at full scale")
+    scaled = scale.step_scale(bench, memory=(memory, server_rate))
     return Results(capacity, micro, searches, server_rate, threads, plotter, queries, memory,
-                   reference, clustered)
+                   reference, clustered, scaled)
 
 
 def report_sections(bench, results):
@@ -249,6 +291,7 @@ def report_sections(bench, results):
         + sections.notes(bench, "memory"),
         sections.reference_section(bench, results.reference),
         cluster.cluster_section(bench, results.cluster) + sections.notes(bench, "cluster"),
+        scale.scale_section(bench, results.scale) + sections.notes(bench, "scale"),
         sections.observations(bench, results.capacity, results.searches, results.queries,
                               results.memory, results.reference),
     ]
@@ -263,7 +306,7 @@ def main(argv):
     if not args.no_build:
         build(target_dir)
     settings = Settings.of(args)
-    bench = Bench(settings, target_dir, Path(args.out).resolve())
+    bench = Bench(settings, target_dir, Path(args.out).resolve(), may_build=not args.no_build)
     for name, binary in bench.binaries.items():
         if not os.access(binary, os.X_OK):
             raise BenchError(f"no {name} binary at {binary}: build it, or drop --no-build")
@@ -273,6 +316,11 @@ def main(argv):
         memory = steps.step_memory(bench, args.memory_only, 2)
         section = (sections.memory_section(bench, memory, args.memory_only)
                    + sections.notes(bench, "memory"))
+        text = write_report(bench, command, started, [section])
+    elif args.scale_only:
+        # Its bytes per pair are step 4's measurement, which leaves its notes under "memory".
+        section = (scale.scale_section(bench, scale.step_scale(bench))
+                   + sections.notes(bench, "scale") + sections.notes(bench, "memory"))
         text = write_report(bench, command, started, [section])
     elif args.cluster_only:
         section = cluster.cluster_section(bench, cluster.step_cluster(bench))

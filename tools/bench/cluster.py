@@ -20,7 +20,7 @@ import tempfile
 import time
 
 import report as fmt
-from receiver import BenchError, terminate, track
+from receiver import BenchError, samples, terminate, track
 from steps import CAPACITY_RCVBUF_BYTES, LOADGEN_MAX_S, capacity_row, log
 
 REDIS_START_TIMEOUT_S = 20
@@ -136,22 +136,6 @@ def flusher_cpu_s(pid):
         except FileNotFoundError:
             continue
     return 0.0
-
-
-def samples(text):
-    """Every sample of a Prometheus text, summed over labels, by metric name."""
-    totals = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        try:
-            number = float(value)
-        except ValueError:
-            continue
-        name = key.split("{", 1)[0]
-        totals[name] = totals.get(name, 0) + number
-    return totals
 
 
 def store_totals(receiver):

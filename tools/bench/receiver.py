@@ -12,6 +12,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
@@ -19,6 +20,16 @@ from dataclasses import dataclass, field
 LISTENING = re.compile(
     r"listening udp=(?P<udp>\S+) http=(?P<http>\S+) .*?rcvbuf_bytes=(?P<rcvbuf>\d+)"
 )
+
+# The steering mode on that line, when the receiver prints one.
+STEERING = re.compile(r"\bsteering=(?P<steering>\S+)")
+
+# A duration as the server's shutdown report prints it: 450ns, 12.3us, 1.2ms, 1.20s.
+DURATION = re.compile(r"^(?P<value>[0-9.]+)(?P<unit>ns|us|ms|s)$")
+DURATION_UNIT_S = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+# The shutdown report's latency table: a row per histogram, these columns after its name.
+REPORT_COLUMNS = ("p50", "p90", "p99", "p99.9", "max", "count")
 
 # A receiver has this long to bind its sockets and print the line above.
 START_TIMEOUT_S = 30
@@ -94,6 +105,58 @@ def parse_metrics(text):
     )
 
 
+def samples(text):
+    """Every sample of a Prometheus text, summed over labels, by metric name."""
+    totals = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        name = key.split("{", 1)[0]
+        totals[name] = totals.get(name, 0) + number
+    return totals
+
+
+def parse_quantiles(text, name):
+    """{quantile: value} of one summary family in Prometheus text, e.g. the seconds of
+    `ipevents_batch_seconds{quantile="0.999"}`."""
+    quantiles = {}
+    pattern = re.compile(re.escape(name) + r'\{quantile="(?P<q>[0-9.]+)"\} (?P<value>\S+)$')
+    for line in text.splitlines():
+        match = pattern.match(line)
+        if match:
+            quantiles[float(match["q"])] = float(match["value"])
+    return quantiles
+
+
+def parse_duration_s(text):
+    """Seconds from a duration of the shutdown report (`12.3us`), or None."""
+    match = DURATION.match(text)
+    if not match:
+        return None
+    return float(match["value"]) * DURATION_UNIT_S[match["unit"]]
+
+
+def parse_report_row(lines, row):
+    """{column: value} of one row of the latency table the server prints at shutdown
+    (`batch 12.0us ... 3.1ms 4821`): durations in seconds, the count as an int; None when
+    the output has no such row."""
+    for line in lines:
+        fields = line.split()
+        if len(fields) != 1 + len(REPORT_COLUMNS) or fields[0] != row:
+            continue
+        *durations, count = fields[1:]
+        seconds = [parse_duration_s(field) for field in durations]
+        if None in seconds or not count.isdigit():
+            continue
+        return dict(zip(REPORT_COLUMNS, [*seconds, int(count)]))
+    return None
+
+
 def parse_proc_net_udp(text, port):
     """Sums the receive queues (bytes the kernel charged) and drop counters of every socket
     bound to `port`, from /proc/net/udp text."""
@@ -155,9 +218,11 @@ class Receiver:
         self.process = None
         self.udp = self.http_address = None
         self.rcvbuf_bytes = None
+        self.steering = None
         self.warnings = []
         self.http = None
         self._lines = []
+        self._drains = []
         self._listening = threading.Event()
 
     def __enter__(self):
@@ -184,7 +249,9 @@ class Receiver:
         # Both pipes are drained on threads of their own, so that a chatty receiver can never
         # block on a full pipe while the benchmark waits on it.
         for stream in (self.process.stderr, self.process.stdout):
-            threading.Thread(target=self._drain, args=(stream,), daemon=True).start()
+            drain = threading.Thread(target=self._drain, args=(stream,), daemon=True)
+            drain.start()
+            self._drains.append(drain)
         if not self._listening.wait(START_TIMEOUT_S) or self.udp is None:
             self.stop()
             raise BenchError(
@@ -205,6 +272,8 @@ class Receiver:
                     self.udp = match["udp"]
                     self.http_address = match["http"]
                     self.rcvbuf_bytes = int(match["rcvbuf"])
+                    steering = STEERING.search(line)
+                    self.steering = steering["steering"] if steering else None
                     self._listening.set()
         # The process closed its output, most likely by exiting: nobody should wait longer.
         self._listening.set()
@@ -216,8 +285,20 @@ class Receiver:
         process = self.process
         if process is None or process.poll() is not None:
             _LIVE.discard(process)
-            return
-        terminate(process)
+        else:
+            terminate(process)
+        # The process has exited, so its pipes reach their end: read what it printed last
+        # (the shutdown report).
+        for drain in self._drains:
+            drain.join(timeout=STOP_TIMEOUT_S)
+
+    def output(self):
+        """Every line the receiver printed so far, stdout and stderr interleaved."""
+        return list(self._lines)
+
+    def request_snapshot(self):
+        """SIGUSR1: the server writes its state file now (with `--state`)."""
+        os.kill(self.pid, signal.SIGUSR1)
 
     def exited_cleanly(self):
         return self.process is not None and self.process.returncode == 0
@@ -243,12 +324,16 @@ class Receiver:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         request = urllib.request.Request(f"http://{self.http_address}/events", method="DELETE")
         started = time.monotonic()
-        with opener.open(request, timeout=HTTP_TIMEOUT_S) as response:
-            response.read()
-            status = response.status
+        try:
+            with opener.open(request, timeout=HTTP_TIMEOUT_S) as response:
+                response.read()
+                status = response.status
+        except urllib.error.HTTPError as error:
+            status = error.code
         elapsed_s = time.monotonic() - started
         if status != 204:
-            raise BenchError(f"{self.kind}: DELETE /events answered {status}")
+            raise BenchError(f"{self.kind}: DELETE /events answered {status} after "
+                             f"{elapsed_s * 1000:.0f} ms")
         return elapsed_s
 
     def pause(self):

@@ -7,10 +7,22 @@ import unittest
 import xml.etree.ElementTree as ElementTree
 
 import cluster
-import steps
 import report
+import scale
+import steps
+from types import SimpleNamespace
 from plot import hand_drawn_svg
-from receiver import LISTENING, BenchError, Counters, parse_metrics, parse_proc_net_udp
+from receiver import (
+    LISTENING,
+    STEERING,
+    BenchError,
+    Counters,
+    parse_metrics,
+    parse_proc_net_udp,
+    parse_quantiles,
+    parse_report_row,
+    samples,
+)
 
 SERVER_METRICS = """\
 # HELP ipevents_datagrams_received_total Datagrams read from the UDP socket.
@@ -62,9 +74,9 @@ class Parsing(unittest.TestCase):
         match = LISTENING.search(line)
         self.assertEqual((match["udp"], match["http"], match["rcvbuf"]),
                          ("127.0.0.1:40000", "127.0.0.1:40001", "16777216"))
+        self.assertEqual(STEERING.search(line)["steering"], "random")
+        self.assertIsNone(STEERING.search("listening udp=x http=y rcvbuf_bytes=1"))
 
-
-class ClusterStep(unittest.TestCase):
     def test_samples_sum_over_labels(self):
         text = "\n".join([
             "# HELP ipevents_store_flush_errors_total x",
@@ -74,11 +86,45 @@ class ClusterStep(unittest.TestCase):
             "ipevents_store_pending_pairs 0",
             'ipevents_store_round_trip_seconds{quantile="0.5"} 0.000250000',
         ])
-        totals = cluster.samples(text)
+        totals = samples(text)
         self.assertEqual(totals["ipevents_store_flush_errors_total"], 5)
         self.assertEqual(totals["ipevents_store_pending_pairs"], 0)
         self.assertAlmostEqual(totals["ipevents_store_round_trip_seconds"], 0.00025)
 
+    def test_summary_quantiles(self):
+        text = "\n".join([
+            "# TYPE ipevents_batch_seconds summary",
+            'ipevents_batch_seconds{quantile="0.5"} 0.000012000',
+            'ipevents_batch_seconds{quantile="0.999"} 0.004100000',
+            "ipevents_batch_seconds_sum 1.5",
+            'ipevents_ingest_latency_seconds{quantile="0.999"} 9',
+        ])
+        self.assertEqual(parse_quantiles(text, "ipevents_batch_seconds"),
+                         {0.5: 0.000012, 0.999: 0.0041})
+        self.assertEqual(parse_quantiles(text, "ipevents_query_seconds"), {})
+
+    def test_shutdown_report_row(self):
+        # As src/metrics.rs prints it: the name in 10 columns, then six right-aligned ones.
+        lines = [
+            "totals: received 10, ingested 10, kernel drops 0, recv errors 0\n",
+            "latency             p50          p90          p99        p99.9          max"
+            "        count\n",
+            "ingest           41.0us       60.0us        1.2ms        1.5ms        2.00s"
+            "         4821\n",
+            "batch             450ns       12.0us      950.0us        3.1ms       25.4ms"
+            "         4821\n",
+        ]
+        row = parse_report_row(lines, "batch")
+        self.assertEqual(row["count"], 4821)
+        for column, seconds in (("p50", 450e-9), ("p90", 12e-6), ("p99", 950e-6),
+                                ("p99.9", 3.1e-3), ("max", 25.4e-3)):
+            self.assertAlmostEqual(row[column], seconds, msg=column)
+        self.assertAlmostEqual(parse_report_row(lines, "ingest")["max"], 2.0)
+        self.assertIsNone(parse_report_row(lines, "query"))
+        self.assertIsNone(parse_report_row(["batch 1ms 2ms 3ms 4ms soon 5\n"], "batch"))
+
+
+class ClusterStep(unittest.TestCase):
     def test_cluster_flags_name_every_seed(self):
         class Fake:
             seeds = "redis://127.0.0.1:1,redis://127.0.0.1:2"
@@ -148,6 +194,90 @@ class Search(unittest.TestCase):
             fake_trial(limit_per_s=10**9, sender_max_per_s=150_000,
                        sender_max_two_per_s=390_000))
         self.assertEqual(search.best(), (400_000, True))
+
+
+class ScaleFigures(unittest.TestCase):
+    def test_ratios(self):
+        for numerator, denominator, want in ((115, 100, 1.15), (1, None, None),
+                                             (None, 2, None), (3, 0, None), (0, 4, 0.0)):
+            self.assertEqual(scale.ratio_of(numerator, denominator), want,
+                             (numerator, denominator))
+
+    def test_share_given_back(self):
+        mib = 1 << 20
+        for before, after, later, want in ((100 * mib, 500 * mib, 180 * mib, 0.8),
+                                           (100 * mib, 500 * mib, 500 * mib, 0.0),
+                                           (100 * mib, 500 * mib, 90 * mib, 1.025),
+                                           (100 * mib, 100 * mib, 90 * mib, None)):
+            got = scale.share_given_back(before, after, later)
+            if want is None:
+                self.assertIsNone(got)
+            else:
+                self.assertAlmostEqual(got, want)
+
+    def test_peak_rise(self):
+        self.assertAlmostEqual(scale.peak_rise_share(1000, [1000, 1080, 1050]), 0.08)
+        self.assertEqual(scale.peak_rise_share(1000, [990, 1000]), 0.0)
+        self.assertIsNone(scale.peak_rise_share(1000, []))
+
+    def test_longest_batch_prefers_the_report_max(self):
+        row = {"p99.9": 0.003, "max": 0.025, "count": 7}
+        self.assertEqual(scale.longest_batch_s(row, {0.999: 0.004}),
+                         (0.025, "max (shutdown report)"))
+        self.assertEqual(scale.longest_batch_s(None, {0.5: 0.001, 0.999: 0.004}),
+                         (0.004, "p99.9 (/metrics; no max there)"))
+        self.assertEqual(scale.longest_batch_s(None, {}), (None, "n/a"))
+
+    def test_balance_alternates_which_mode_goes_first(self):
+        firsts = [scale.balance_order(run)[0][0] for run in range(4)]
+        self.assertEqual(firsts, ["default", "random", "default", "random"])
+        for run in range(2):
+            self.assertEqual(sorted(mode for mode, _ in scale.balance_order(run)),
+                             ["default", "random"])
+
+    def test_durations_in_their_unit(self):
+        self.assertEqual(scale.seconds_as_ms(0.178), "178 ms")
+        self.assertEqual(scale.seconds_as_ms(4.818), "4.82 s")
+
+    def test_verdicts(self):
+        for value, goal, at_most, want in ((0.02, 0.02, True, "yes"), (0.021, 0.02, True, "no"),
+                                           (0.9, 0.9, False, "yes"), (0.89, 0.9, False, "no"),
+                                           (None, 1, True, "n/a")):
+            self.assertEqual(scale.verdict(value, goal, at_most), want, (value, goal))
+
+    def test_the_section_renders_every_measurement(self):
+        settings = SimpleNamespace(runs=1, cores=2, capacity_count=1000, memory_apps=100,
+                                   scale_workers_apps=10, scale_growth_apps=20,
+                                   scale_reset_apps=30)
+        bench = SimpleNamespace(settings=settings)
+        load = dict(apps=10, pairs=160, datagrams=480, sent=480, lost=0, drops=0,
+                    sent_per_s=149_000.0, entries=10, before=1 << 20, after=3 << 20,
+                    grown=2 << 20, per_pair=13107.2, steering="random", rcvbuf=16 << 20)
+        drain = steps.Drain(count=1000, elapsed_s=0.001, sent_per_s=1e6, drops=0,
+                            queued_bytes=832_000, busiest_share=0.5, complete=True)
+        memory = dict(stored=1600, entries=200, after=4 << 20, per_pair=21.5, drops=0,
+                      steering="random")
+        results = dict(
+            workers={label: [load] for label, _ in scale.WORKER_CONFIGS},
+            balance=[dict(default=drain, random=drain, default_steering="random",
+                          random_steering="random", ratio=1.0)],
+            growth=[dict(load, longest_batch_s=0.0254, longest_source="max (shutdown report)",
+                         p999_s=0.003, batches=77)],
+            resets={"glibc": [dict(load, reset_s=0.012, given_back=0.75, capacity_per_s=1e6,
+                                   rss_after_reset={s: 1 << 20
+                                                    for s in scale.RSS_AFTER_RESET_S})],
+                    "mimalloc": [], "jemalloc": []},
+            pairs={"default": ([memory], 150_000), "random": ([memory], 150_000)},
+            snapshot=[dict(load, rss_before_snapshot=100 << 20, rss_peak=108 << 20,
+                           rise=0.08, snapshot_s=0.5, wall_s=0.6, file_bytes=1 << 20,
+                           rss_samples=60)],
+        )
+        text = "\n".join(scale.scale_section(bench, results))
+        # The growth pause misses its goal (25.4 ms), the bytes per pair too (21.5).
+        for wanted in ("## 7. One node at full scale", "| 1 worker |", "25.4 ms | 3 ms",
+                       "| 0 | 0 | no |", "75%", "| mimalloc | n/a", "8%", "21.5 B | no |",
+                       "default (random)", "1 (the base)"):
+            self.assertIn(wanted, text)
 
 
 class Plot(unittest.TestCase):

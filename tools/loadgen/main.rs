@@ -71,8 +71,8 @@ struct Args {
     apps: Option<u32>,
 
     /// Good IPs per app in the many-apps scenario: how many of its /28's 14 hosts are sent
-    /// [default: 14].
-    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u8).range(2..=14))]
+    /// [default: 14]. With one good IP and no bad IP, each app is one (app, ip) pair.
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u8).range(1..=14))]
     good_ips: Option<u8>,
 
     /// Bad IPs per app in the many-apps scenario, each far from its /28 [default: 2].
@@ -80,7 +80,8 @@ struct Args {
     bad_ips: Option<u8>,
 
     /// Datagrams to send [default: 1000000 when --duration is not given; with
-    /// --each-pair-once, every pair: apps x IPs per app].
+    /// --each-pair-once, every pair: apps x IPs per app; with --each-pair-times K, K times
+    /// that].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
 
@@ -135,6 +136,12 @@ struct Args {
     #[arg(long)]
     each_pair_once: bool,
 
+    /// Send every (app, ip) pair of the many-apps scenario exactly K times, in K passes over
+    /// the pairs, each pass app by app; every app's count is then K times its number of IPs.
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..),
+          conflicts_with = "each_pair_once")]
+    each_pair_times: Option<u32>,
+
     /// While sending, query a random app of the scenario every MS milliseconds from a second
     /// thread and report the latencies (the answers are not checked: the send is changing
     /// them).
@@ -188,19 +195,44 @@ impl Args {
                 "--apps, --good-ips and --bad-ips belong to --scenario many-apps".to_owned(),
             );
         }
-        if self.each_pair_once {
+        if let Some(times) = self.each_pair_times() {
+            let flag = self.each_pair_flag();
             if self.scenario != ScenarioKind::ManyApps {
-                return Err("--each-pair-once belongs to --scenario many-apps".to_owned());
+                return Err(format!("{flag} belongs to --scenario many-apps"));
             }
-            let pairs = self.pairs();
-            if self.count.is_some_and(|count| count > pairs) {
+            let (pairs, sequence) = (self.pairs(), self.sequence());
+            if self.count.is_some_and(|count| count > sequence) {
                 return Err(format!(
-                    "--each-pair-once sends each of the {pairs} (app, ip) pairs once, so \
-                     --count can be at most {pairs}"
+                    "{flag} sends each of the {pairs} (app, ip) pairs {times} time(s), so \
+                     --count can be at most {sequence}"
                 ));
             }
         }
         Ok(())
+    }
+
+    /// How many times each pair is sent: `Some(1)` with `--each-pair-once`, `Some(K)` with
+    /// `--each-pair-times K`, `None` for random events.
+    fn each_pair_times(&self) -> Option<u32> {
+        if self.each_pair_once {
+            Some(1)
+        } else {
+            self.each_pair_times
+        }
+    }
+
+    /// The flag that asked for every pair, for error messages.
+    fn each_pair_flag(&self) -> &'static str {
+        if self.each_pair_once {
+            "--each-pair-once"
+        } else {
+            "--each-pair-times"
+        }
+    }
+
+    /// Datagrams in the whole each-pair sequence: pairs times the passes.
+    fn sequence(&self) -> u64 {
+        self.pairs() * u64::from(self.each_pair_times().unwrap_or(1))
     }
 
     /// (app, ip) pairs in the many-apps scenario.
@@ -210,10 +242,9 @@ impl Args {
     }
 
     fn order(&self) -> Order {
-        if self.each_pair_once {
-            Order::EachPairOnce
-        } else {
-            Order::Random
+        match self.each_pair_times() {
+            Some(times) => Order::EachPair { times },
+            None => Order::Random,
         }
     }
 
@@ -227,12 +258,12 @@ impl Args {
         shape
     }
 
-    /// The datagram bound: `--count`, or every pair with `--each-pair-once`, or the default
-    /// when no `--duration` is given.
+    /// The datagram bound: `--count`, or the whole sequence with `--each-pair-once` or
+    /// `--each-pair-times`, or the default when no `--duration` is given.
     fn count(&self) -> Option<u64> {
         match (self.count, self.duration_s) {
             (Some(count), _) => Some(count),
-            (None, _) if self.each_pair_once => Some(self.pairs()),
+            (None, _) if self.each_pair_times().is_some() => Some(self.sequence()),
             (None, None) => Some(DEFAULT_COUNT),
             (None, Some(_)) => None,
         }
@@ -466,8 +497,11 @@ fn describe_plan(args: &Args, plan: &SendPlan, sndbuf_bytes: usize) {
         (None, _) => format!("for {:.1} s", args.duration().as_secs_f64()),
     };
     let order = match plan.order {
-        Order::Random => "",
-        Order::EachPairOnce => " (each (app, ip) pair once, app by app)",
+        Order::Random => String::new(),
+        Order::EachPair { times: 1 } => " (each (app, ip) pair once, app by app)".to_owned(),
+        Order::EachPair { times } => {
+            format!(" (each (app, ip) pair {times} times, in passes app by app)")
+        }
     };
     let rate = if plan.rate_per_s > 0.0 {
         format!("at {}/s", progress::si(plan.rate_per_s))
@@ -511,7 +545,7 @@ mod tests {
         let many = "--scenario many-apps --apps 1000 --good-ips 14 --bad-ips 2 --each-pair-once";
         let parsed = args(many).unwrap();
         assert_eq!(parsed.count(), Some(16_000));
-        assert_eq!(parsed.order(), Order::EachPairOnce);
+        assert_eq!(parsed.order(), Order::EachPair { times: 1 });
         // A duration bounds the run in time, but the count stays every pair.
         let timed = args(&format!("{many} --duration 5")).unwrap();
         assert_eq!(timed.count(), Some(16_000));
@@ -526,6 +560,45 @@ mod tests {
             .unwrap_err()
             .contains("belongs to --scenario many-apps"));
         assert_eq!(args("--scenario many-apps").unwrap().order(), Order::Random);
+    }
+
+    #[test]
+    fn each_pair_times_counts_every_pass() {
+        let many = "--scenario many-apps --apps 1000 --good-ips 14 --bad-ips 2";
+        for (flags, count, times) in [
+            ("--each-pair-times 3", 48_000, 3),
+            ("--each-pair-times 1", 16_000, 1),
+            ("--each-pair-times 3 --duration 5", 48_000, 3),
+            ("--each-pair-times 3 --count 20000", 20_000, 3),
+            ("--each-pair-times 3 --count 48000", 48_000, 3),
+        ] {
+            let parsed = args(&format!("{many} {flags}")).unwrap();
+            assert_eq!(parsed.count(), Some(count), "{flags}");
+            assert_eq!(parsed.order(), Order::EachPair { times }, "{flags}");
+        }
+        for (flags, error) in [
+            ("--each-pair-times 3 --count 48001", "at most 48000"),
+            ("--each-pair-times 0", "0"),
+            (
+                "--each-pair-times 2 --each-pair-once",
+                "cannot be used with",
+            ),
+        ] {
+            let got = args(&format!("{many} {flags}")).unwrap_err();
+            assert!(got.contains(error), "{flags}: {got}");
+        }
+        assert!(args("--each-pair-times 2")
+            .unwrap_err()
+            .contains("--each-pair-times belongs to --scenario many-apps"));
+    }
+
+    #[test]
+    fn one_good_ip_makes_each_app_one_pair() {
+        let parsed =
+            args("--scenario many-apps --apps 500 --good-ips 1 --bad-ips 0 --each-pair-once")
+                .unwrap();
+        assert_eq!(parsed.count(), Some(500));
+        assert!(args("--scenario many-apps --good-ips 0").is_err());
     }
 
     #[test]

@@ -301,19 +301,25 @@ mod tests {
 
     #[test]
     fn many_apps_world() {
+        for (good_ips, bad_ips) in [(3, 4), (1, 0), (14, 2)] {
+            check_many_apps(ManyApps {
+                apps: 500,
+                good_ips,
+                bad_ips,
+            });
+        }
+    }
+
+    #[track_caller]
+    fn check_many_apps(shape: ManyApps) {
         let mut rng = SmallRng::seed_from_u64(2);
-        let shape = ManyApps {
-            apps: 500,
-            good_ips: 3,
-            bad_ips: 4,
-        };
         let scenario = Scenario::many_apps(&mut rng, shape).unwrap();
         assert_eq!(scenario.apps(), 500);
         let mut slot = [0u8; SLOT_BYTES];
         for app in 0..scenario.apps() {
             let block = scenario.block(app);
             let ips = scenario.ips(app);
-            assert_eq!(ips.len(), 7);
+            assert_eq!(ips.len(), shape.good_ips + shape.bad_ips);
             for (i, &ip) in ips.iter().enumerate() {
                 if scenario.is_good(i) {
                     assert_eq!(ip >> 4, block >> 4);
@@ -325,8 +331,8 @@ mod tests {
                 assert_eq!(Some(&slot[..len]), scenario.preencoded(app, i));
             }
             let bad_blocks: std::collections::HashSet<u32> =
-                ips[3..].iter().map(|ip| ip >> 4).collect();
-            assert_eq!(bad_blocks.len(), 4);
+                ips[shape.good_ips..].iter().map(|ip| ip >> 4).collect();
+            assert_eq!(bad_blocks.len(), shape.bad_ips);
         }
     }
 

@@ -6,8 +6,9 @@
 //! buffer is sized once when the thread starts. What each thread sent is kept in a [`Tally`]
 //! of its own, merged when the threads are joined.
 //!
-//! Events are drawn at random, or, in [`Order::EachPairOnce`], every (app, ip) pair is sent
-//! exactly once: each thread walks its own contiguous range of pairs, app by app.
+//! Events are drawn at random, or, in [`Order::EachPair`], every (app, ip) pair is sent
+//! exactly K times, in K passes over the pairs app by app: each thread walks its own
+//! contiguous range of the sequence.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -62,9 +63,10 @@ pub struct SendPlan {
 pub enum Order {
     /// Per datagram, an app uniformly, then one of its IPs uniformly.
     Random,
-    /// Every (app, ip) pair once, app-major: pair `k` is IP `k % ips_per_app` of app
-    /// `k / ips_per_app`. The count must not exceed the number of pairs.
-    EachPairOnce,
+    /// Every (app, ip) pair `times` times, in `times` passes over the pairs, each pass
+    /// app-major: datagram `s` names pair `k = s % pairs`, which is IP `k % ips_per_app` of
+    /// app `k / ips_per_app`. The count must not exceed `times` times the number of pairs.
+    EachPair { times: u32 },
 }
 
 /// What was sent for one app, kept in 16 bytes so that a million apps stay cheap.
@@ -247,6 +249,11 @@ fn pair_at(pair: u64, ips_per_app: usize) -> Pick {
     }
 }
 
+/// The `s`th datagram of [`Order::EachPair`]'s sequence: pass `s / pairs`, pair `s % pairs`.
+fn sequence_at(s: u64, pairs: u64, ips_per_app: usize) -> Pick {
+    pair_at(s % pairs, ips_per_app)
+}
+
 /// Keeps a send loop at a steady rate against the monotonic clock. It sleeps only when ahead
 /// of schedule, so a sleep that overshoots is made up by the next batches, within
 /// [`MAX_LAG`].
@@ -293,8 +300,8 @@ struct Sender<'a> {
     /// Datagrams this thread is to send, or `None` for no bound but the deadline.
     count: Option<u64>,
     order: Order,
-    /// In [`Order::EachPairOnce`], the first pair of this thread's range.
-    first_pair: u64,
+    /// In [`Order::EachPair`], the first datagram of this thread's range of the sequence.
+    first_in_sequence: u64,
     batch_len: usize,
     pacer: Pacer,
     rng: SmallRng,
@@ -329,7 +336,7 @@ impl<'a> Sender<'a> {
             sockets,
             count: plan.count.map(|count| share(count, plan.threads, index)),
             order: plan.order,
-            first_pair: plan
+            first_in_sequence: plan
                 .count
                 .map_or(0, |count| share_start(count, plan.threads, index)),
             batch_len,
@@ -396,16 +403,17 @@ impl<'a> Sender<'a> {
     /// Chooses the next batch of `n`, after `sent` datagrams so far. At random: an app
     /// uniformly, then one of its IPs uniformly; for the reference scenario, whose apps all
     /// have the same IPs, that is a uniform draw from the list of every (ip, app) pair. Each
-    /// pair once: the next `n` pairs of this thread's range, since only taken datagrams
-    /// advance `sent`.
+    /// pair K times: the next `n` datagrams of this thread's range of the sequence, since only
+    /// taken datagrams advance `sent`.
     fn pick(&mut self, n: usize, sent: u64) {
         let apps = self.scenario.apps() as u32;
         let ips = self.scenario.ips_per_app() as u8;
         self.picks.clear();
-        if self.order == Order::EachPairOnce {
-            let first = self.first_pair + sent;
+        if let Order::EachPair { .. } = self.order {
+            let pairs = u64::from(apps) * u64::from(ips);
+            let first = self.first_in_sequence + sent;
             self.picks
-                .extend((first..first + n as u64).map(|pair| pair_at(pair, usize::from(ips))));
+                .extend((first..first + n as u64).map(|s| sequence_at(s, pairs, usize::from(ips))));
             return;
         }
         for _ in 0..n {
@@ -545,27 +553,61 @@ mod tests {
         );
     }
 
-    /// Every pair once over several threads: every app's tally holds each of its IPs once.
+    /// Every pair K times over several threads: each pair of every app is sent exactly K
+    /// times, counted pair by pair, whatever the number of threads.
     #[test]
-    fn each_pair_once_covers_every_pair() {
-        let (apps, ips, threads) = (50u64, 16usize, 3usize);
-        let total = apps * ips as u64;
-        let mut tally = Tally::new(apps as usize);
-        for index in 0..threads {
-            let first = share_start(total, threads, index);
-            for pair in first..first + share(total, threads, index) {
-                tally.record(pair_at(pair, ips));
+    fn each_pair_times_sends_every_pair_exactly_k_times() {
+        for (apps, ips, times, threads) in [
+            (50u64, 16usize, 1u64, 3usize),
+            (50, 16, 3, 3),
+            (7, 4, 2, 1),
+            (1, 1, 5, 4),
+            (13, 2, 3, 16),
+        ] {
+            let pairs = apps * ips as u64;
+            let total = pairs * times;
+            let mut sent = vec![0u64; pairs as usize];
+            let mut tally = Tally::new(apps as usize);
+            for index in 0..threads {
+                let first = share_start(total, threads, index);
+                for s in first..first + share(total, threads, index) {
+                    let pick = sequence_at(s, pairs, ips);
+                    sent[pick.app as usize * ips + usize::from(pick.ip_index)] += 1;
+                    tally.record(pick);
+                }
+            }
+            let case = format!("{apps} apps x {ips} ips x {times} over {threads} threads");
+            assert!(sent.iter().all(|&n| n == times), "{case}: {sent:?}");
+            for app in &tally.apps {
+                let want = AppSent {
+                    events: ips as u64 * times,
+                    ips_mask: (1 << ips) - 1,
+                };
+                assert_eq!(*app, want, "{case}");
             }
         }
-        for app in &tally.apps {
-            assert_eq!(
-                *app,
-                AppSent {
-                    events: ips as u64,
-                    ips_mask: (1 << ips) - 1
-                }
-            );
-        }
+    }
+
+    #[test]
+    fn the_sequence_is_passes_over_the_pairs() {
+        let picks: Vec<(u32, u8)> = (0..9)
+            .map(|s| sequence_at(s, 4, 2))
+            .map(|pick| (pick.app, pick.ip_index))
+            .collect();
+        assert_eq!(
+            picks,
+            [
+                (0, 0),
+                (0, 1),
+                (1, 0),
+                (1, 1),
+                (0, 0),
+                (0, 1),
+                (1, 0),
+                (1, 1),
+                (0, 0)
+            ]
+        );
     }
 
     #[test]
