@@ -59,6 +59,8 @@ class Counters:
     ingested: int = None
     kernel_drops: int = 0
     apps_tracked: int = None
+    app_entries: int = None
+    hot_apps: int = None
     received_per_worker: list = field(default_factory=list)
 
     def since(self, base):
@@ -69,6 +71,8 @@ class Counters:
             ingested=minus(self.ingested, base.ingested),
             kernel_drops=self.kernel_drops - base.kernel_drops,
             apps_tracked=self.apps_tracked,
+            app_entries=self.app_entries,
+            hot_apps=self.hot_apps,
             received_per_worker=[
                 now - then
                 for now, then in zip(self.received_per_worker, base.received_per_worker)
@@ -101,6 +105,8 @@ def parse_metrics(text):
         ingested=samples.get("ipevents_events_ingested_total"),
         kernel_drops=samples.get("ipevents_kernel_drops_total", 0),
         apps_tracked=samples.get("ipevents_apps_tracked"),
+        app_entries=samples.get("ipevents_app_entries"),
+        hot_apps=samples.get("ipevents_steering_hot_apps"),
         received_per_worker=[per_worker[i] for i in sorted(per_worker)],
     )
 

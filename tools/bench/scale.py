@@ -30,6 +30,7 @@ from steps import (
     measure_drain,
     step_memory,
     timed_reset_or_note,
+    wait_for_hot_apps,
 )
 
 # Workers of the node under test where the measurement does not vary them: the machine the
@@ -158,7 +159,7 @@ def load_pairs(bench, server, apps, good_ips, bad_ips, times, rate_per_s, thread
     counters = server.metrics().since(base)
     return dict(apps=apps, pairs=pairs, datagrams=datagrams, sent=summary["sent"],
                 lost=summary["lost"], drops=counters.kernel_drops,
-                sent_per_s=summary["send_rate_per_s"], entries=counters.apps_tracked,
+                sent_per_s=summary["send_rate_per_s"], entries=counters.app_entries,
                 before=before, after=after, grown=after - before,
                 per_pair=(after - before) / pairs, steering=server.steering,
                 rcvbuf=server.rcvbuf_bytes)
@@ -199,6 +200,8 @@ def warm_drain(bench, server):
     bench.loadgen.run(server, "--scenario", "reference", "--sockets", 1,
                       "--rate", WARM_UP_RATE_PER_S, "--duration", WARM_UP_S, "--no-verify",
                       bound_s=WARM_UP_S)
+    if server.steering == "adaptive" and not wait_for_hot_apps(server):
+        bench.note("scale", "adaptive steering found no hot app after the warm-up")
     return measure_drain(bench, server, bench.settings.capacity_count, sockets=1, reset=False)
 
 

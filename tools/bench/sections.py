@@ -51,7 +51,11 @@ def capacity_section(bench, results):
         "Linux grants), and events/s is N over the time from SIGCONT until `/metrics` counts "
         f"all N (polled every {DRAIN_POLL_S * 1000:.0f} ms). No sender competes for the CPU "
         "while the receiver drains. The last column is how fast loadgen queued the datagrams "
-        "into the stopped receiver: the kernel's send path alone.",
+        "into the stopped receiver: the kernel's send path alone. The `adaptive` row (the "
+        "server's default) first drains once unrecorded, so that the server has found the "
+        "reference mix's hot apps before the measured datagrams are queued; `discard` has no "
+        "balancer, so its `adaptive` row runs `random`, which is what adaptive steering makes "
+        "of those three hot apps.",
         "",
         fmt.table(["workers", "steering", "N", "ipevents events/s", "discard events/s",
                    "ipevents/discard", "busiest worker (ipevents)", "busiest worker (discard)",
@@ -102,7 +106,7 @@ def lossless_section(bench, searches, plotter):
         f"The highest `--rate` at which at least {100 - THRESHOLD_PERCENT}% of "
         f"{settings.search_count:,} datagrams arrive (a trial stops after "
         f"{settings.search_max_s:.0f} s at low rates), with one worker per core and the default "
-        f"steering (random). The search doubles from {fmt.rate(SEARCH_START_PER_S)}/s until a "
+        f"steering (adaptive). The search doubles from {fmt.rate(SEARCH_START_PER_S)}/s until a "
         f"trial loses, then bisects {SEARCH_BISECTIONS} times. A trial whose sender reached "
         f"less than {SENDER_LIMIT_SHARE:.0%} of the offered rate is sender-limited; a second "
         "sender thread is then tried. The server's answers are verified on every trial.",

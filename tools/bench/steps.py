@@ -48,7 +48,14 @@ GOOD_IPS, BAD_IPS = 14, 2
 # (loadgen's own limit); it normally takes far less, and the bound only guards against a hang.
 LOADGEN_MAX_S = 600
 
-STEERING_MODES = ("hash", "cpu", "random", "app")
+STEERING_MODES = ("hash", "cpu", "random", "app", "adaptive")
+
+# Adaptive steering finds hot apps from its traffic about once a second, and datagrams queued
+# while the server is stopped were steered when they arrived: an adaptive row first drains
+# once unrecorded and waits this long at most for the hot set. The discard receiver has no
+# balancer, so its adaptive row runs `random`, which is what adaptive steering makes of the
+# reference mix's three hot apps.
+HOT_SET_WAIT_S = 10
 RECEIVERS = ("ipevents", "discard")
 
 
@@ -129,6 +136,16 @@ def wait_until_received(receiver, base, target, started):
         time.sleep(DRAIN_POLL_S)
 
 
+def wait_for_hot_apps(receiver, deadline_s=HOT_SET_WAIT_S):
+    """Polls /metrics until adaptive steering holds a hot app; False at the deadline."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if (receiver.metrics().hot_apps or 0) >= 1:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def capacity_configs(cores):
     """(workers, steering) rows: one worker once (steering cannot matter), then every mode
     with one worker per core."""
@@ -143,9 +160,16 @@ def capacity_row(bench, kind, workers, steering):
     settings = bench.settings
     count = settings.capacity_count
     drains = []
-    with bench.receiver(kind, "--workers", workers, "--steering", steering,
+    adaptive = steering == "adaptive"
+    flag = "random" if adaptive and kind == "discard" else steering
+    with bench.receiver(kind, "--workers", workers, "--steering", flag,
                         "--rcvbuf", CAPACITY_RCVBUF_BYTES) as receiver:
         bench.check_rcvbuf("capacity", receiver, CAPACITY_RCVBUF_BYTES)
+        if adaptive and kind == "ipevents":
+            measure_drain(bench, receiver, count)
+            if not wait_for_hot_apps(receiver):
+                bench.note("capacity", f"adaptive steering found no hot app within "
+                                       f"{HOT_SET_WAIT_S} s of a warm-up drain")
         for attempt in range(CAPACITY_RETRIES + 1):
             drain = measure_drain(bench, receiver, count)
             if drain.drops == 0 or attempt == CAPACITY_RETRIES:
@@ -398,7 +422,7 @@ def step_memory(bench, lossless_per_s, threads, steering=None):
                                  f"({pairs - stored} lost); bytes per pair use the stored count")
         grown = after - before
         results.append(dict(before=before, after=after, after_reset=after_reset,
-                            reset_s=reset_s, stored=stored, entries=counters.apps_tracked,
+                            reset_s=reset_s, stored=stored, entries=counters.app_entries,
                             per_pair=grown / max(stored, 1), per_app=grown / apps,
                             steering=server.steering, drops=counters.kernel_drops))
         shown = "n/a" if reset_s is None else f"{reset_s * 1000:.1f} ms"
