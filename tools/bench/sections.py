@@ -71,7 +71,7 @@ def micro_section(bench, micro):
     figures, ips = micro
     rows = [[what, fmt.Figure(figures[name]).show(lambda ns: f"{ns:.1f}")]
             for name, what in MICRO_ROWS]
-    return "\n".join([
+    return [
         "## 1b. The worker's own cost per datagram",
         "",
         "`microbench`, without the kernel: `worker::apply_batch` (parse a batch of 64, then "
@@ -81,7 +81,7 @@ def micro_section(bench, micro):
         "alone. Each run is the median of five passes.",
         "",
         fmt.table(["what", "ns per datagram, key or sha"], rows),
-    ]) + "\n"
+    ]
 
 
 def lossless_section(bench, searches, plotter):
