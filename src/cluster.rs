@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 
 use crate::sketch::HeavyHitters;
+use crate::socket::SteeringKey;
 use crate::store::{self, AppBudget, AppRecord, AppTable, Applied, Partial, Verdict};
 use crate::wire::{AppKey, Event};
 use crate::worker::{Command, WorkerHandle, WorkerStats};
@@ -35,8 +36,11 @@ pub struct Cluster {
     reply_timeout: Duration,
     /// IPs one answer lists at most: `--max-ips-per-app`, for the merged answer too.
     max_ips: usize,
-    /// Which worker takes the next event that arrives over HTTP.
+    /// Which worker takes the next event that arrives over HTTP, when no steering says.
     next_apply: Cell<usize>,
+    /// Whether an app has a worker of its own (app and adaptive steering): an event that
+    /// arrives over HTTP then goes where its datagrams go, so that it adds no entry.
+    app_homes: bool,
 }
 
 impl Cluster {
@@ -51,7 +55,15 @@ impl Cluster {
             reply_timeout,
             max_ips: usize::MAX,
             next_apply: Cell::new(0),
+            app_homes: false,
         }
+    }
+
+    /// Sends each event that arrives over HTTP to the worker its app's datagrams reach while
+    /// it is not hot, as `app` and `adaptive` steering send them.
+    pub fn with_app_homes(mut self) -> Cluster {
+        self.app_homes = true;
+        self
     }
 
     /// Caps the IPs of a merged answer at `max_ips`, as each worker caps what it stores.
@@ -116,10 +128,16 @@ impl Cluster {
             .map(drop)
     }
 
-    /// Counts one event on one worker, taking workers in turn; returns once it is applied.
+    /// Counts one event on one worker (its app's, or each in turn); returns once it is
+    /// applied.
     pub fn apply(&self, event: Event) -> Result<Applied, Unavailable> {
-        let index = self.next_apply.get() % self.workers.len();
-        self.next_apply.set(index.wrapping_add(1));
+        let index = if self.app_homes {
+            SteeringKey::of(&event.app).app_socket(self.workers.len())
+        } else {
+            let index = self.next_apply.get() % self.workers.len();
+            self.next_apply.set(index.wrapping_add(1));
+            index
+        };
         let (reply, replies) = crossbeam_channel::bounded(1);
         self.send(&self.workers[index], Command::Apply { event, reply })?;
         replies

@@ -281,8 +281,11 @@ pub fn start(config: &Config) -> Result<Server, String> {
         )?),
         None => None,
     };
-    let workers_view = Cluster::new(handles.clone(), budget.clone(), config.reply_timeout())
+    let mut workers_view = Cluster::new(handles.clone(), budget.clone(), config.reply_timeout())
         .with_max_ips(limits.max_ips_per_app);
+    if matches!(config.steering, Steering::App | Steering::Adaptive) {
+        workers_view = workers_view.with_app_homes();
+    }
     let (backend, flusher) = match connected {
         None => (Backend::Standalone(workers_view), None),
         Some(connected) => {

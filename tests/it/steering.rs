@@ -251,3 +251,29 @@ fn only_adaptive_steering_with_several_workers_runs_the_balancer() {
     assert_eq!(support::metric(&text, "ipevents_steering_hot_apps"), 0);
     assert!(text.contains("# TYPE ipevents_steering_changes_total counter"));
 }
+
+/// An event POSTed over HTTP goes where its app's datagrams go, so that a mix of POSTs and
+/// datagrams still stores each app once; counts are exact either way.
+#[test]
+fn posted_events_go_to_their_apps_worker() {
+    let server = Server::start(&["--workers", "2"]);
+    let sockets = senders(&server, 4);
+    let apps = 40u32;
+    for n in 0..apps {
+        let datagram = ipevents::wire::encode(&sha(n), 0x0a00_0001);
+        support::send_datagram(&sockets[n as usize % sockets.len()], &datagram);
+        for ip in [0x0a00_0002u32, 0x0a00_0003] {
+            let response = server.request(
+                "POST",
+                "/events",
+                &[("Content-Type", "application/octet-stream")],
+                &ipevents::wire::encode(&sha(n), ip.into()),
+            );
+            assert_eq!(response.status, 204, "{}", response.text());
+        }
+    }
+    for n in 0..apps {
+        assert_eq!(server.answer(&sha(n))["count"], 3, "app {n}");
+    }
+    check_each_app_on_one_worker(&server, u64::from(apps));
+}

@@ -52,7 +52,7 @@ def capacity_section(bench, results):
         f"all N (polled every {DRAIN_POLL_S * 1000:.0f} ms). No sender competes for the CPU "
         "while the receiver drains. The last column is how fast loadgen queued the datagrams "
         "into the stopped receiver: the kernel's send path alone. The `adaptive` row (the "
-        "server's default) first drains once unrecorded, so that the server has found the "
+        "server's default) first drains once unrecorded, for both receivers, so that the server has found the "
         "reference mix's hot apps before the measured datagrams are queued; `discard` has no "
         "balancer, so its `adaptive` row runs `random`, which is what adaptive steering makes "
         "of those three hot apps.",

@@ -52,7 +52,8 @@ STEERING_MODES = ("hash", "cpu", "random", "app", "adaptive")
 
 # Adaptive steering finds hot apps from its traffic about once a second, and datagrams queued
 # while the server is stopped were steered when they arrived: an adaptive row first drains
-# once unrecorded and waits this long at most for the hot set. The discard receiver has no
+# once unrecorded (both receivers, alike) and the server's waits this long at most for the
+# hot set. The discard receiver has no
 # balancer, so its adaptive row runs `random`, which is what adaptive steering makes of the
 # reference mix's three hot apps.
 HOT_SET_WAIT_S = 10
@@ -165,8 +166,10 @@ def capacity_row(bench, kind, workers, steering):
     with bench.receiver(kind, "--workers", workers, "--steering", flag,
                         "--rcvbuf", CAPACITY_RCVBUF_BYTES) as receiver:
         bench.check_rcvbuf("capacity", receiver, CAPACITY_RCVBUF_BYTES)
-        if adaptive and kind == "ipevents":
+        if adaptive:
+            # Both receivers drain once unrecorded, so that the row is measured alike.
             measure_drain(bench, receiver, count)
+        if adaptive and kind == "ipevents":
             if not wait_for_hot_apps(receiver):
                 bench.note("capacity", f"adaptive steering found no hot app within "
                                        f"{HOT_SET_WAIT_S} s of a warm-up drain")
