@@ -144,6 +144,29 @@ impl IpSet {
     #[inline]
     pub fn add(&mut self, ip: u32, events: u64, max_ips: usize) -> bool {
         debug_assert!(events > 0);
+        // Inline, the common case: an IP the set holds, whose count still fits its slot.
+        if let Some(slots) = self.array_mut() {
+            let found = if slots.len() <= FLAT_SLOTS_MAX {
+                flat_find(slots, ip)
+            } else {
+                hashed_find(slots, ip)
+            };
+            if let Ok(index) = found {
+                if slots[index].add(events) {
+                    return true;
+                }
+            }
+        } else if let IpSet::One(slot) = self {
+            if slot.ip == ip && slot.add(events) {
+                return true;
+            }
+        }
+        self.add_new(ip, events, max_ips)
+    }
+
+    /// The rest of `add`: a new IP, a set that must change its layout, or the map.
+    #[inline(never)]
+    fn add_new(&mut self, ip: u32, events: u64, max_ips: usize) -> bool {
         let grow = match self {
             IpSet::Empty => {
                 if max_ips == 0 {
