@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 
 use crate::sketch::HeavyHitters;
-use crate::socket::SteeringKey;
+use crate::socket::Steering;
 use crate::store::{self, AppBudget, AppRecord, AppTable, Applied, Partial, Verdict};
 use crate::wire::{AppKey, Event};
 use crate::worker::{Command, WorkerHandle, WorkerStats};
@@ -38,9 +38,9 @@ pub struct Cluster {
     max_ips: usize,
     /// Which worker takes the next event that arrives over HTTP, when no steering says.
     next_apply: Cell<usize>,
-    /// Whether an app has a worker of its own (app and adaptive steering): an event that
-    /// arrives over HTTP then goes where its datagrams go, so that it adds no entry.
-    app_homes: bool,
+    /// The steering of the UDP group: where it gives an app a worker of its own, an event
+    /// that arrives over HTTP goes there too, so that it adds no entry.
+    steering: Steering,
 }
 
 impl Cluster {
@@ -55,14 +55,14 @@ impl Cluster {
             reply_timeout,
             max_ips: usize::MAX,
             next_apply: Cell::new(0),
-            app_homes: false,
+            steering: Steering::Random,
         }
     }
 
-    /// Sends each event that arrives over HTTP to the worker its app's datagrams reach while
-    /// it is not hot, as `app` and `adaptive` steering send them.
-    pub fn with_app_homes(mut self) -> Cluster {
-        self.app_homes = true;
+    /// Sends each event that arrives over HTTP to the worker `steering` sends its app's
+    /// datagrams to, where it has one.
+    pub fn with_steering(mut self, steering: Steering) -> Cluster {
+        self.steering = steering;
         self
     }
 
@@ -138,13 +138,15 @@ impl Cluster {
     /// Counts one event on one worker (its app's, or each in turn); returns once it is
     /// applied.
     pub fn apply(&self, event: Event) -> Result<Applied, Unavailable> {
-        let index = if self.app_homes {
-            SteeringKey::of(&event.app).app_socket(self.workers.len())
-        } else {
-            let index = self.next_apply.get() % self.workers.len();
-            self.next_apply.set(index.wrapping_add(1));
-            index
-        };
+        let workers = self.workers.len();
+        let index = self
+            .steering
+            .home_worker(&event.app, workers)
+            .unwrap_or_else(|| {
+                let index = self.next_apply.get() % workers;
+                self.next_apply.set(index.wrapping_add(1));
+                index
+            });
         let (reply, replies) = crossbeam_channel::bounded(1);
         self.send(&self.workers[index], Command::Apply { event, reply })?;
         replies

@@ -30,7 +30,7 @@ use crate::metrics::{self, Totals};
 use crate::signals::{self, CaughtSignals, SignalAction};
 use crate::snapshot::{self, SnapshotCounters, StateWriter};
 use crate::snapshotter::{self, SnapshotRequest, Snapshotter};
-use crate::socket::{self, Rcvbuf, Steering, SteeringKey};
+use crate::socket::{self, Rcvbuf, Steering};
 use crate::store::{AppBudget, AppRecord, AppTable};
 use crate::worker::{Command, Worker, WorkerExit, WorkerStats};
 use core_affinity::CoreId;
@@ -216,9 +216,11 @@ pub fn start(config: &Config) -> Result<Server, String> {
     // Each app goes to the worker its datagrams will reach: under app and adaptive steering
     // the one its sha steers to, so that a restart does not leave a second entry for every
     // app; under the others, any worker, in turn.
-    let home = |i: usize, record: &AppRecord| match config.steering {
-        Steering::App | Steering::Adaptive => SteeringKey::of(&record.app).app_socket(workers),
-        Steering::Hash | Steering::Cpu | Steering::Random => i % workers,
+    let home = |i: usize, record: &AppRecord| {
+        config
+            .steering
+            .home_worker(&record.app, workers)
+            .unwrap_or(i % workers)
     };
     let restored_apps = records
         .iter()
@@ -281,11 +283,9 @@ pub fn start(config: &Config) -> Result<Server, String> {
         )?),
         None => None,
     };
-    let mut workers_view = Cluster::new(handles.clone(), budget.clone(), config.reply_timeout())
-        .with_max_ips(limits.max_ips_per_app);
-    if matches!(config.steering, Steering::App | Steering::Adaptive) {
-        workers_view = workers_view.with_app_homes();
-    }
+    let workers_view = Cluster::new(handles.clone(), budget.clone(), config.reply_timeout())
+        .with_max_ips(limits.max_ips_per_app)
+        .with_steering(config.steering);
     let (backend, flusher) = match connected {
         None => (Backend::Standalone(workers_view), None),
         Some(connected) => {

@@ -32,6 +32,18 @@ pub enum Steering {
     Adaptive,
 }
 
+impl Steering {
+    /// The worker that this steering sends `app`'s datagrams to, when it has one: under `app`
+    /// and `adaptive` steering the one its sha hashes to (for adaptive, while the app is not
+    /// hot); `None` when any worker may get them.
+    pub fn home_worker(self, app: &crate::wire::AppKey, workers: usize) -> Option<usize> {
+        match self {
+            Steering::App | Steering::Adaptive => Some(SteeringKey::of(app).app_socket(workers)),
+            Steering::Hash | Steering::Cpu | Steering::Random => None,
+        }
+    }
+}
+
 impl std::fmt::Display for Steering {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

@@ -321,13 +321,6 @@ impl AppTable {
         self.find(app).map(AppEntry::partial).unwrap_or_default()
     }
 
-    /// A copy of every app, for the state file.
-    pub fn records(&self) -> Vec<AppRecord> {
-        (0..SHARDS)
-            .flat_map(|shard| self.shard_records(shard))
-            .collect()
-    }
-
     /// A copy of every app of one shard: shard `i` holds the same apps on every worker that
     /// shares the budget, so a snapshot copies and merges the apps one shard at a time.
     pub fn shard_records(&self, shard: usize) -> Vec<AppRecord> {
@@ -1052,7 +1045,9 @@ mod tests {
             source.apply(Event { app: app(1), ip });
             source.apply(Event { app: app(2), ip: 7 });
         }
-        let records = source.records();
+        let records: Vec<AppRecord> = (0..SHARDS)
+            .flat_map(|shard| source.shard_records(shard))
+            .collect();
         let mut copy = table(10, 100);
         for record in &records {
             assert!(copy.restore(record));
