@@ -232,8 +232,11 @@ pub fn start(config: &Config) -> Result<Server, String> {
     let mut handles = Vec::with_capacity(workers);
     let mut worker_threads = Vec::with_capacity(workers);
     for ((id, udp), table) in sockets.into_iter().enumerate().zip(tables) {
-        let (worker, handle) = Worker::new(id, udp, table, usize::from(config.batch))
+        let (mut worker, handle) = Worker::new(id, udp, table, usize::from(config.batch))
             .map_err(|e| format!("set up worker {id}: {e}"))?;
+        if steering_socket.is_some() {
+            worker = worker.with_sampling();
+        }
         handles.push(handle);
         let core = cores.get(id).copied();
         let notice = ExitNotice {

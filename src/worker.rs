@@ -248,7 +248,9 @@ pub struct Worker {
     readable: bool,
     last_error_log: Option<Instant>,
     snapshot: Option<SnapshotJob>,
-    sampler: Sampler,
+    /// The sample of the traffic that adaptive steering asks for; none for the other modes,
+    /// which then pay nothing for it.
+    sampler: Option<Sampler>,
 }
 
 impl Worker {
@@ -280,7 +282,7 @@ impl Worker {
             readable: true,
             last_error_log: None,
             snapshot: None,
-            sampler: Sampler::default(),
+            sampler: None,
         };
         let handle = WorkerHandle {
             id,
@@ -290,6 +292,13 @@ impl Worker {
             socket: Arc::new(handle_socket),
         };
         Ok((worker, handle))
+    }
+
+    /// Samples the traffic for adaptive steering's `HeavyHitters` command; without it the
+    /// command answers an empty sketch.
+    pub fn with_sampling(mut self) -> Worker {
+        self.sampler = Some(Sampler::default());
+        self
     }
 
     /// Runs until a `Shutdown` command, or until every handle is gone; returns the final stats
@@ -373,7 +382,8 @@ impl Worker {
                 let _ = reply.send(self.table.take());
             }
             Command::HeavyHitters { reply } => {
-                let _ = reply.send(self.sampler.take());
+                let sketch = self.sampler.as_mut().map(Sampler::take);
+                let _ = reply.send(sketch.unwrap_or_default());
             }
             Command::Snapshot { shard, reply } => {
                 // Copying the keys is the only stall: 32 bytes an app of the shard, about
@@ -450,7 +460,9 @@ impl Worker {
         };
         let datagrams = (0..received).map(|i| self.batch.datagram(i));
         apply_batch(datagrams, &mut self.events, &mut self.table, &mut tally);
-        self.sampler.sample(&self.events);
+        if let Some(sampler) = &mut self.sampler {
+            sampler.sample(&self.events);
+        }
         tally.publish(&self.counters);
         if received > 0 {
             // The arrival of the batch's last (newest) datagram; an error here only costs
