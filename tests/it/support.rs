@@ -56,7 +56,7 @@ impl Server {
     /// Starts the server with `args` and `env` and nothing else: the caller chooses loopback
     /// addresses itself.
     pub fn start_exactly(args: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ipevents"))
+        let mut child = server_command()
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -196,6 +196,23 @@ impl Drop for Server {
     }
 }
 
+/// The server binary with none of the runner's own settings: a test states every
+/// `IPEVENTS_*` variable it wants, and the runner's RUST_LOG, NOTIFY_SOCKET or
+/// JOURNAL_STREAM (under systemd, say) change nothing.
+pub fn server_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ipevents"));
+    for (name, _) in std::env::vars_os() {
+        let inherited = name.to_str().is_some_and(|name| {
+            name.starts_with("IPEVENTS_")
+                || ["RUST_LOG", "NOTIFY_SOCKET", "JOURNAL_STREAM", "FAILPOINTS"].contains(&name)
+        });
+        if inherited {
+            command.env_remove(&name);
+        }
+    }
+    command
+}
+
 /// Runs the server binary with `args` (no defaults added) and expects it to exit by itself.
 pub fn run_to_exit(args: &[&str]) -> Exit {
     run_to_exit_with_env(args, &[])
@@ -204,7 +221,7 @@ pub fn run_to_exit(args: &[&str]) -> Exit {
 /// Like [`run_to_exit`], with extra environment variables. A server that has not exited
 /// within [`DEADLINE`] is killed by its PID and fails the test.
 pub fn run_to_exit_with_env(args: &[&str], env: &[(&str, &str)]) -> Exit {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ipevents"))
+    let mut child = server_command()
         .args(args)
         .envs(env.iter().copied())
         .stdin(Stdio::null())
