@@ -123,12 +123,15 @@ pub struct Config {
     pub reply_timeout_ms: u64,
 
     /// Cluster mode: seed nodes of the Redis Cluster that holds the fleet's counts,
-    /// `redis://HOST:PORT`, comma-separated. A password goes in the URL
-    /// (`redis://:PASSWORD@HOST:PORT`) or, better, in IPEVENTS_REDIS_PASSWORD; it is never
-    /// printed. Without this flag the server runs standalone.
+    /// `redis://HOST:PORT`, comma-separated. A password goes in IPEVENTS_REDIS_PASSWORD (or
+    /// --redis-password-file), or in a URL (`redis://:PASSWORD@HOST:PORT`) set through
+    /// IPEVENTS_REDIS_CLUSTER; on the command line, where the process list shows it, a URL
+    /// with a password is refused. It is never printed. Without this flag the server runs
+    /// standalone.
     #[arg(
         long,
         env = "IPEVENTS_REDIS_CLUSTER",
+        hide_env_values = true,
         value_name = "URL[,URL...]",
         value_delimiter = ','
     )]
@@ -165,6 +168,26 @@ pub struct Config {
 }
 
 impl Config {
+    /// The configuration of this process, from its command line and environment. A malformed
+    /// command line ends the process as clap does (usage on stderr, exit 2); a password
+    /// written on the command line is refused with one line, because any user can read it in
+    /// the process list.
+    pub fn from_process() -> Result<Config, String> {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Config::command().get_matches();
+        let config = Config::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        let on_command_line =
+            matches.value_source("redis_cluster") == Some(clap::parser::ValueSource::CommandLine);
+        if on_command_line && config.redis_cluster.iter().any(|seed| has_password(seed)) {
+            return Err(format!(
+                "--redis-cluster: a password on the command line is readable in the process \
+                 list; put it in {REDIS_PASSWORD_ENV} or --redis-password-file, or the URL in \
+                 IPEVENTS_REDIS_CLUSTER"
+            ));
+        }
+        Ok(config)
+    }
+
     /// The admin token, from IPEVENTS_ADMIN_TOKEN or --admin-token-file; `None` leaves the
     /// API open. Errors name the source, never the token.
     pub fn admin_token(&self) -> Result<Option<String>, String> {
@@ -290,6 +313,14 @@ impl Config {
             reset_ack_limit: self.reply_timeout(),
         }
     }
+}
+
+/// Whether a seed URL carries a password (`redis://USER:PASSWORD@HOST:PORT`).
+fn has_password(seed: &str) -> bool {
+    let rest = seed.strip_prefix("redis://").unwrap_or(seed);
+    rest.rsplit_once('@')
+        .and_then(|(credentials, _)| credentials.split_once(':'))
+        .is_some_and(|(_, password)| !password.is_empty())
 }
 
 /// The host name and the UDP port, in the characters a node id may hold.

@@ -4,7 +4,6 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
 use log::Level;
 
 #[cfg(all(feature = "alloc-mimalloc", feature = "alloc-jemalloc"))]
@@ -20,7 +19,13 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     init_logging();
-    let config = ipevents::config::Config::parse();
+    let config = match ipevents::config::Config::from_process() {
+        Ok(config) => config,
+        Err(message) => {
+            log::error!("{message}");
+            return ExitCode::FAILURE;
+        }
+    };
     // Reads FAILPOINTS from the environment in builds with the `failpoints` feature (tests).
     #[cfg(feature = "failpoints")]
     let _fail_scenario = fail::FailScenario::setup();

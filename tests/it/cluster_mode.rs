@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::redis_cluster::{self, wait_until, RedisCluster, Shape};
 use crate::support::{
-    check_reference_answer, labelled_metric, run_to_exit, send_events, Reference, Sent, Server,
+    check_reference_answer, labelled_metric, run_to_exit_with_env, send_events, Reference, Sent,
+    Server,
 };
 
 /// Flushes in the tests come fast, so that waits are short.
@@ -347,6 +348,15 @@ fn check_outage(
     assert_eq!(a.get("/healthz").status, 200);
     let metrics = a.get("/metrics").text();
     assert_eq!(crate::support::metric(&metrics, "ipevents_store_up"), 1);
+    if shape == "stopped" {
+        // A stopped primary still takes the flushes into its socket, and applies them when it
+        // resumes, after the node gave up on them: the retries then found them applied. So
+        // the idempotent path really ran, and the exact counts above show it counted once.
+        assert!(
+            crate::support::metric(&metrics, "ipevents_store_duplicate_apps_total") > 0,
+            "no retried flush was found applied already"
+        );
+    }
 }
 
 #[test]
@@ -587,10 +597,14 @@ fn closed_port() -> u16 {
 }
 
 fn start_error(args: &[&str]) -> String {
+    start_error_with_env(args, &[])
+}
+
+fn start_error_with_env(args: &[&str], env: &[(&str, &str)]) -> String {
     let mut all = vec!["--udp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--no-pin"];
     all.extend_from_slice(args);
     let started = Instant::now();
-    let exit = run_to_exit(&all);
+    let exit = run_to_exit_with_env(&all, env);
     assert_eq!(exit.status.code(), Some(1), "{}", exit.stderr);
     assert!(
         started.elapsed() < Duration::from_secs(10),
@@ -606,11 +620,21 @@ fn start_error(args: &[&str]) -> String {
 fn start_up_mistakes_in_cluster_mode_get_one_line() {
     let port = closed_port();
     let seed = format!("redis://:hunter2@127.0.0.1:{port}");
-    let line = start_error(&["--redis-cluster", &seed]);
+    let line = start_error_with_env(&[], &[("IPEVENTS_REDIS_CLUSTER", &seed)]);
     assert!(line.contains(&format!("127.0.0.1:{port}")), "{line}");
     assert!(
         !line.contains("hunter2"),
         "the password is never printed: {line}"
+    );
+    // On the command line the password would be in the process list for every user to read.
+    let line = start_error(&["--redis-cluster", &seed]);
+    assert!(line.contains("process list"), "{line}");
+    assert!(!line.contains("hunter2"), "{line}");
+    let help = run_to_exit_with_env(&["--help"], &[("IPEVENTS_REDIS_CLUSTER", &seed)]);
+    assert!(help.status.success());
+    assert!(
+        !help.stdout.contains("hunter2"),
+        "--help shows no value of IPEVENTS_REDIS_CLUSTER"
     );
     let line = start_error(&["--redis-cluster", "http://127.0.0.1:1"]);
     assert!(line.contains("is not redis://HOST:PORT"), "{line}");
