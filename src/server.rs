@@ -16,7 +16,7 @@ use std::thread::{self, JoinHandle};
 use crossbeam_channel::{Receiver, Sender};
 use sd_notify::NotifyState;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::backend::Backend;
 use crate::balancer::{Balancer, SteeringCounters, SteeringMetrics};
@@ -25,10 +25,9 @@ use crate::config::Config;
 use crate::flusher::{self, Flusher, FlusherThread, StoreMetrics, StoreView};
 use crate::gate::{Gate, GateCounters};
 use crate::http::{self, Api};
-use crate::keyed_hash::SHARDS;
 use crate::metrics::{self, Totals};
 use crate::signals::{self, CaughtSignals, SignalAction};
-use crate::snapshot::{self, SnapshotCounters, StateWriter};
+use crate::snapshot::SnapshotCounters;
 use crate::snapshotter::{self, SnapshotRequest, Snapshotter};
 use crate::socket::{self, Rcvbuf, Steering};
 use crate::store::{AppBudget, AppRecord, AppTable};
@@ -83,16 +82,6 @@ pub struct Server {
     stopping: Arc<AtomicBool>,
     lifecycle: Receiver<Lifecycle>,
     lifecycle_tx: Sender<Lifecycle>,
-}
-
-/// Calls `handle` on a thread of its own for every SIGINT and SIGTERM.
-pub fn on_stop_signals(handle: impl Fn(i32) + Send + 'static) -> io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
-    thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || signals.forever().for_each(handle))?;
-    Ok(())
 }
 
 /// How many workers to run, and the cores to pin them to (none when unpinned). More
@@ -434,7 +423,7 @@ impl Server {
             log::info!("flushed every pending delta to the store");
         }
         if let Some(path) = &self.state {
-            let apps = write_state(path, exits.iter().map(|exit| &exit.table))
+            let apps = snapshotter::write_state(path, exits.iter().map(|exit| &exit.table))
                 .map_err(|e| format!("write state file {}: {e}", path.display()))?;
             log::info!("wrote {apps} apps to {}", path.display());
         }
@@ -561,18 +550,4 @@ pub fn run(config: &Config) -> Result<(), String> {
             server.failure(event)
         )),
     }
-}
-
-/// Writes the stopped workers' tables to the state file, one shard at a time, merged over the
-/// workers; returns the apps written.
-fn write_state<'a>(
-    path: &Path,
-    tables: impl Iterator<Item = &'a AppTable> + Clone,
-) -> std::io::Result<u64> {
-    let mut writer = StateWriter::create(path)?;
-    for shard in 0..SHARDS {
-        let records = snapshot::merge_records(tables.clone().map(|t| t.shard_records(shard)));
-        writer.append(&records)?;
-    }
-    writer.finish()
 }

@@ -17,7 +17,7 @@ use crate::cluster::Cluster;
 use crate::keyed_hash::SHARDS;
 use crate::snapshot::{self, BadState, SnapshotCounters, StateWriter};
 use crate::socket;
-use crate::store::AppRecord;
+use crate::store::{AppRecord, AppTable};
 
 /// Reads the state file at `path` for a start. A bad file stops the start unless
 /// `discard_bad_state` says to move it aside.
@@ -92,6 +92,20 @@ fn write_snapshot(cluster: &Cluster, path: &Path) -> Result<usize, String> {
     }
     let apps = writer.finish().map_err(|e| e.to_string())?;
     Ok(usize::try_from(apps).unwrap_or(usize::MAX))
+}
+
+/// Writes the stopped workers' tables to the state file, one shard at a time, merged over the
+/// workers; returns the apps written.
+pub fn write_state<'a>(
+    path: &Path,
+    tables: impl Iterator<Item = &'a AppTable> + Clone,
+) -> io::Result<u64> {
+    let mut writer = StateWriter::create(path)?;
+    for shard in 0..SHARDS {
+        let records = snapshot::merge_records(tables.clone().map(|t| t.shard_records(shard)));
+        writer.append(&records)?;
+    }
+    writer.finish()
 }
 
 /// The thread that writes the state file every --snapshot-interval, and when asked. The

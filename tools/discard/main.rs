@@ -17,6 +17,7 @@ use std::thread;
 use clap::Parser;
 use crossbeam_channel::Sender;
 use ipevents::server::{self, UdpGroup};
+use ipevents::signals;
 use ipevents::socket::{self, RecvBatch, Steering};
 use mio::{Events, Interest, Poll, Token, Waker};
 
@@ -198,7 +199,7 @@ fn run(args: &Args) -> Result<(), String> {
 }
 
 fn forward_signals(lifecycle: Sender<Lifecycle>) -> io::Result<()> {
-    server::on_stop_signals(move |signal| {
+    signals::on_stop_signals(move |signal| {
         let _ = lifecycle.send(Lifecycle::Signal(signal));
     })
 }
