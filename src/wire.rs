@@ -63,6 +63,14 @@ pub struct Event {
     pub ip: u32,
 }
 
+impl Event {
+    /// A slot for [`parse_into`] to fill.
+    pub const UNSET: Event = Event {
+        app: AppKey([0; 32]),
+        ip: 0,
+    };
+}
+
 labelled_enum! {
     /// Why a datagram was dropped. Each reason has its own counter in `/metrics`.
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -93,6 +101,15 @@ const IP_TAG: u32 = 2;
 /// Unknown fields are skipped, and a field that appears more than once takes its last value,
 /// as protobuf requires. Validation happens after the walk, so only the last value counts.
 pub fn parse(datagram: &[u8]) -> Result<Event, Reject> {
+    let mut event = Event::UNSET;
+    parse_into(datagram, &mut event)?;
+    Ok(event)
+}
+
+/// [`parse`], writing the event into `event`, which holds anything on an error. A worker
+/// parses a batch straight into its slots this way: the common datagram's sha is decoded
+/// where the table will read it, not built on the stack and copied there.
+pub fn parse_into(datagram: &[u8], event: &mut Event) -> Result<(), Reject> {
     if datagram.is_empty() {
         return Err(Reject::Empty);
     }
@@ -107,16 +124,19 @@ pub fn parse(datagram: &[u8]) -> Result<Event, Reject> {
     // without the general walk, which goes on from there. Anything else, an invalid sha
     // included, takes the general walk from the start.
     if let [0x0a, 0x40, rest @ ..] = datagram {
-        if let Some(key) = rest.get(..64).and_then(AppKey::from_hex) {
+        let decoded = rest
+            .get(..64)
+            .is_some_and(|digits| const_hex::decode_to_slice(digits, &mut event.app.0).is_ok());
+        if decoded {
             // And the ip field (key 0x10) right after it, as the datagram's last field: the
             // whole datagram is then read, with the general walk's result.
             if let [0x10, varint @ ..] = &rest[64..] {
                 if let Some(ip) = whole_short_varint(varint) {
-                    let ip = u32::try_from(ip).map_err(|_| Reject::IpOutOfRange)?;
-                    return Ok(Event { app: key, ip });
+                    event.ip = u32::try_from(ip).map_err(|_| Reject::IpOutOfRange)?;
+                    return Ok(());
                 }
             }
-            sha = Some(Some(key));
+            sha = Some(Some(event.app));
             buf = &rest[64..];
         }
     }
@@ -154,7 +174,8 @@ pub fn parse(datagram: &[u8]) -> Result<Event, Reject> {
     let ip = ip.ok_or(Reject::MissingIp)?;
     let app = sha.ok_or(Reject::BadSha)?;
     let ip = u32::try_from(ip).map_err(|_| Reject::IpOutOfRange)?;
-    Ok(Event { app, ip })
+    *event = Event { app, ip };
+    Ok(())
 }
 
 /// The value of a varint that takes exactly `bytes`, at most five of them (enough for any

@@ -504,9 +504,12 @@ pub fn apply_batch<'a>(
 ) {
     events.clear();
     for datagram in datagrams {
-        match wire::parse(datagram) {
-            Ok(event) => events.push(event),
-            Err(reason) => tally.invalid[reason.index()] += 1,
+        // Parsed in place: the event is written where the apply loop reads it.
+        events.push(Event::UNSET);
+        let slot = events.last_mut().expect("an event was just pushed");
+        if let Err(reason) = wire::parse_into(datagram, slot) {
+            events.pop();
+            tally.invalid[reason.index()] += 1;
         }
     }
     for &event in events.iter() {
