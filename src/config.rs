@@ -169,13 +169,16 @@ pub struct Config {
 
 impl Config {
     /// The configuration of this process, from its command line and environment. A malformed
-    /// command line ends the process as clap does (usage on stderr, exit 2); a password
+    /// command line ends the process with one line and exit status 2 (`--help` and
+    /// `--version` print and exit 0, as clap does); a password
     /// written on the command line is refused with one line, because any user can read it in
     /// the process list.
     pub fn from_process() -> Result<Config, String> {
         use clap::{CommandFactory, FromArgMatches};
-        let matches = Config::command().get_matches();
-        let config = Config::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        let matches = Config::command()
+            .try_get_matches()
+            .unwrap_or_else(|e| exit_on(e));
+        let config = Config::from_arg_matches(&matches).unwrap_or_else(|e| exit_on(e));
         let on_command_line =
             matches.value_source("redis_cluster") == Some(clap::parser::ValueSource::CommandLine);
         if on_command_line && config.redis_cluster.iter().any(|seed| has_password(seed)) {
@@ -313,6 +316,25 @@ impl Config {
             reset_ack_limit: self.reply_timeout(),
         }
     }
+}
+
+/// Ends the process on a command line that clap does not take: `--help` and `--version` as
+/// clap prints them, a mistake as one line, clap's own first one, and exit status 2.
+fn exit_on(error: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        error.exit();
+    }
+    let text = error.render().to_string();
+    let line = text.lines().next().unwrap_or_default();
+    let line = line.strip_prefix("error: ").unwrap_or(line);
+    log::error!("{line} (see --help)");
+    std::process::exit(2);
 }
 
 /// Whether a seed URL carries a password (`redis://USER:PASSWORD@HOST:PORT`).

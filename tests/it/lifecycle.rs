@@ -101,6 +101,14 @@ fn operator_mistakes_get_one_line_and_a_failing_exit() {
         let exit = run_to_exit(&args);
         assert!(!exit.status.success(), "{args:?} should fail");
         assert!(exit.stderr.contains(message), "{args:?}: {}", exit.stderr);
+        assert_eq!(exit.stderr.lines().count(), 1, "{args:?}: {}", exit.stderr);
+        // A command line the parser refuses is a usage error (2); the others, 1.
+        let usage = ["invalid value", "unexpected argument"].contains(&message);
+        assert_eq!(
+            exit.status.code(),
+            Some(if usage { 2 } else { 1 }),
+            "{args:?}"
+        );
         assert!(
             !exit.stderr.contains("panicked"),
             "{args:?}: {}",
