@@ -6,6 +6,7 @@ import report as fmt
 from plot import THRESHOLD_PERCENT
 from steps import (
     BAD_IPS,
+    DRAIN_POLL_MAX_S,
     DRAIN_POLL_S,
     GOOD_IPS,
     MEMORY_RCVBUF_BYTES,
@@ -49,7 +50,8 @@ def capacity_section(bench, results):
         "The receiver is stopped (SIGSTOP), `loadgen --send-only --rate 0 --sockets 64` queues "
         "N datagrams of the reference mix in its sockets (receive buffers of 1 GiB, the most "
         "Linux grants), and events/s is N over the time from SIGCONT until `/metrics` counts "
-        f"all N (polled every {DRAIN_POLL_S * 1000:.0f} ms). No sender competes for the CPU "
+        f"all N (polled at most every {DRAIN_POLL_MAX_S * 1000:.0f} ms, and every "
+        f"{DRAIN_POLL_S * 1000:.0f} ms near the end). No sender competes for the CPU "
         "while the receiver drains. The last column is how fast loadgen queued the datagrams "
         "into the stopped receiver: the kernel's send path alone. The `adaptive` row (the "
         "server's default) first drains once unrecorded, for both receivers, so that the server has found the "

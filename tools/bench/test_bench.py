@@ -155,6 +155,18 @@ def fake_trial(limit_per_s, sender_max_per_s=float("inf"), sender_max_two_per_s=
     return trial
 
 
+class DrainPolling(unittest.TestCase):
+    def test_polls_often_only_near_the_end(self):
+        # Nothing read yet: the shortest sleep.
+        self.assertEqual(steps.next_poll_s(0, 1_000_000, 0.01), steps.DRAIN_POLL_S)
+        # A tenth read in 0.1 s: 0.9 s left, so the longest sleep.
+        self.assertEqual(steps.next_poll_s(100_000, 1_000_000, 0.1), steps.DRAIN_POLL_MAX_S)
+        # 20 ms left: sleep 10 ms.
+        self.assertAlmostEqual(steps.next_poll_s(980_000, 1_000_000, 0.98), 0.01)
+        # Almost there: the shortest sleep again.
+        self.assertEqual(steps.next_poll_s(999_999, 1_000_000, 1.0), steps.DRAIN_POLL_S)
+
+
 class Search(unittest.TestCase):
     def test_doubles_then_bisects(self):
         search = steps.search_lossless(fake_trial(limit_per_s=500_000))
