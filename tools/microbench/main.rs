@@ -211,7 +211,8 @@ fn main() -> ExitCode {
     let reference_traffic = Traffic::draw(&reference, args.datagrams, &mut rng);
     let many_traffic = Traffic::draw(&many, args.datagrams, &mut rng);
 
-    let reference_ns = parse_and_apply_ns(&reference_traffic, args.batch, args.runs, args.evict_kib);
+    let reference_ns =
+        parse_and_apply_ns(&reference_traffic, args.batch, args.runs, args.evict_kib);
     let many_ns = parse_and_apply_ns(&many_traffic, args.batch, args.runs, args.evict_kib);
     let parse_only_ns = parse_ns(&reference_traffic, args.runs);
 
