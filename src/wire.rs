@@ -446,6 +446,16 @@ mod tests {
         }
 
         proptest! {
+            /// The fast path's varint reader agrees with prost's on every run of one to five
+            /// bytes: the same value when the run is exactly one varint, `None` otherwise.
+            #[test]
+            fn short_varints_read_as_prost_reads_them(bytes in proptest::collection::vec(any::<u8>(), 0..7)) {
+                let mut buf = bytes.as_slice();
+                let prost = decode_varint(&mut buf).ok().filter(|_| buf.is_empty());
+                let want = prost.filter(|_| (1..=5).contains(&bytes.len()));
+                prop_assert_eq!(whole_short_varint(&bytes), want);
+            }
+
             /// Parsing never panics, and whatever it accepts prost decodes to the same event.
             #[test]
             fn agrees_with_prost(datagram in proptest::collection::vec(any::<u8>(), 0..600)) {
