@@ -656,6 +656,23 @@ fn start_up_mistakes_in_cluster_mode_get_one_line() {
     assert!(line.contains("--redis-prefix"), "{line}");
 }
 
+/// A seed that takes the connection and never answers (a stopped process, a black hole behind
+/// a load balancer): the start-up check gives up within its bound, with one line.
+#[test]
+fn a_seed_that_never_answers_is_refused_at_start() {
+    // The kernel completes the handshake for the listener's backlog; nobody reads.
+    let silent = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let line = start_error(&[
+        "--redis-cluster",
+        &format!("redis://127.0.0.1:{port}"),
+        "--reply-timeout-ms",
+        "1000",
+    ]);
+    assert!(line.contains(&format!("127.0.0.1:{port}")), "{line}");
+    drop(silent);
+}
+
 #[test]
 fn a_redis_that_is_not_a_whole_cluster_is_refused_at_start() {
     if !redis_cluster::available("not_a_cluster") {
