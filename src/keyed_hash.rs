@@ -78,7 +78,7 @@ const SHARD_MAP_SHIFT: u32 = 40;
 /// moment at some sizes. Spread over a factor of two, the shards pass their doubling points one
 /// after another: the table's load stays near the average, about 63%, at every size, and its
 /// resizes come one shard at a time.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct AppHasher {
     hash: KeyedHash,
     shard_of: Box<[u8; SHARD_MAP_SLOTS]>,

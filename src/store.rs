@@ -268,6 +268,9 @@ pub struct AppTable {
     shards: Box<[HashTable<AppEntry>]>,
     len: usize,
     limits: Limits,
+    /// The budget's hasher, copied: the budget's own shares a cache line with counters that
+    /// other workers write, and the table reads the hasher on every event.
+    hasher: AppHasher,
     budget: Arc<AppBudget>,
     /// Whether the budget counts this table's apps; a reset clears the budget in one step and
     /// then drops the old tables without giving their apps back one by one.
@@ -280,18 +283,26 @@ impl AppTable {
             shards: (0..SHARDS).map(|_| HashTable::new()).collect(),
             len: 0,
             limits,
+            hasher: budget.hasher().clone(),
             budget,
             registered: true,
         }
+    }
+
+    /// `app`'s hash and the shard that holds it.
+    #[inline]
+    fn locate(&self, app: &AppKey) -> (u64, usize) {
+        let hash = self.hasher.hash(app);
+        (hash, self.hasher.shard(hash))
     }
 
     /// Counts one event.
     #[inline]
     pub fn apply(&mut self, event: Event) -> Applied {
         let max_ips = self.limits.max_ips_per_app;
-        let hasher = self.budget.hasher();
-        let hash = hasher.hash(&event.app);
-        let shard = &mut self.shards[hasher.shard(hash)];
+        let (hash, index) = self.locate(&event.app);
+        let hasher = &self.hasher;
+        let shard = &mut self.shards[index];
         if let Some(entry) = shard.find_mut(hash, |e| e.app == event.app) {
             entry.add_events(1);
             if entry.ips.add(event.ip, 1, max_ips) {
@@ -311,9 +322,8 @@ impl AppTable {
     }
 
     fn find(&self, app: &AppKey) -> Option<&AppEntry> {
-        let hasher = self.budget.hasher();
-        let hash = hasher.hash(app);
-        self.shards[hasher.shard(hash)].find(hash, |e| e.app == *app)
+        let (hash, index) = self.locate(app);
+        self.shards[index].find(hash, |e| e.app == *app)
     }
 
     /// This worker's share of what the server knows about `app`.
@@ -350,9 +360,9 @@ impl AppTable {
     /// budget is spent and the app was left out. An app already present is added to.
     pub fn restore(&mut self, record: &AppRecord) -> bool {
         let max_ips = self.limits.max_ips_per_app;
-        let hasher = self.budget.hasher();
-        let hash = hasher.hash(&record.app);
-        let shard = &mut self.shards[hasher.shard(hash)];
+        let (hash, index) = self.locate(&record.app);
+        let hasher = &self.hasher;
+        let shard = &mut self.shards[index];
         let entry = match shard.entry(hash, |e| e.app == record.app, |e| hasher.hash(&e.app)) {
             hashbrown::hash_table::Entry::Occupied(found) => found.into_mut(),
             hashbrown::hash_table::Entry::Vacant(slot) => {
@@ -377,9 +387,8 @@ impl AppTable {
 
     /// Forgets `app`; returns whether it was known.
     pub fn remove(&mut self, app: &AppKey) -> bool {
-        let hasher = self.budget.hasher();
-        let hash = hasher.hash(app);
-        let shard = &mut self.shards[hasher.shard(hash)];
+        let (hash, index) = self.locate(app);
+        let shard = &mut self.shards[index];
         let Ok(found) = shard.find_entry(hash, |e| e.app == *app) else {
             return false;
         };
@@ -438,7 +447,7 @@ impl AppTable {
         for (index, shard) in self.shards.iter().enumerate() {
             for entry in shard {
                 let app = &entry.app;
-                if self.budget.hasher().shard(self.budget.hasher().hash(app)) != index {
+                if self.locate(app).1 != index {
                     return Err(format!("{app:?} is in shard {index}, not its own"));
                 }
                 if self.budget.holders(app) == 0 {
