@@ -157,7 +157,10 @@ fn encode_record(out: &mut Vec<u8>, record: &AppRecord) {
 pub struct StateWriter {
     path: PathBuf,
     temporary: PathBuf,
-    file: Option<io::BufWriter<File>>,
+    file: File,
+    /// Whether the file is in the state file's place; until then, dropping the writer
+    /// removes it.
+    renamed: bool,
     /// The checksum of the body after the app count, so far.
     crc: crc32fast::Hasher,
     body_bytes: u64,
@@ -174,30 +177,33 @@ impl StateWriter {
     pub fn create(path: &Path) -> io::Result<StateWriter> {
         let path = resolve(path)?;
         let temporary = sibling(&path, "tmp");
-        let mut file = io::BufWriter::with_capacity(1 << 20, File::create(&temporary)?);
-        file.write_all(MAGIC)?;
-        file.write_all(&FORMAT_VERSION.to_le_bytes())?;
-        // The body's length, then its app count: written again at the end.
-        file.write_all(&[0; 16])?;
-        Ok(StateWriter {
+        let file = File::create(&temporary)?;
+        // From here on, dropping the writer removes the temporary file.
+        let mut writer = StateWriter {
             path,
             temporary,
-            file: Some(file),
+            file,
+            renamed: false,
             crc: crc32fast::Hasher::new(),
             body_bytes: 8,
             apps: 0,
             buffer: Vec::new(),
-        })
+        };
+        let mut header = MAGIC.to_vec();
+        header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        // The body's length, then its app count: written again at the end.
+        header.extend_from_slice(&[0; 16]);
+        writer.file.write_all(&header)?;
+        Ok(writer)
     }
 
-    /// Appends records; an app may come only once in a file.
+    /// Appends records, in one write; an app may come only once in a file.
     pub fn append(&mut self, records: &[AppRecord]) -> io::Result<()> {
-        let file = self.file.as_mut().expect("only finish takes the file");
         self.buffer.clear();
         for record in records {
             encode_record(&mut self.buffer, record);
         }
-        file.write_all(&self.buffer)?;
+        self.file.write_all(&self.buffer)?;
         self.crc.update(&self.buffer);
         self.body_bytes += self.buffer.len() as u64;
         self.apps += records.len() as u64;
@@ -208,12 +214,7 @@ impl StateWriter {
     /// returns the apps written.
     pub fn finish(mut self) -> io::Result<u64> {
         use std::io::{Seek, SeekFrom};
-        let mut file = self
-            .file
-            .take()
-            .expect("only finish takes the file")
-            .into_inner()
-            .map_err(io::IntoInnerError::into_error)?;
+        let file = &mut self.file;
         let count = self.apps.to_le_bytes();
         let mut crc = crc32fast::Hasher::new();
         crc.update(&count);
@@ -223,8 +224,8 @@ impl StateWriter {
         file.write_all(&self.body_bytes.to_le_bytes())?;
         file.write_all(&count)?;
         file.sync_all()?;
-        drop(file);
         fs::rename(&self.temporary, &self.path)?;
+        self.renamed = true;
         // The rename is durable only once the directory entry is.
         let directory = self
             .path
@@ -238,7 +239,7 @@ impl StateWriter {
 
 impl Drop for StateWriter {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
+        if !self.renamed {
             let _ = fs::remove_file(&self.temporary);
         }
     }
@@ -557,6 +558,14 @@ mod tests {
         drop(writer);
         assert_eq!(read(&path), Ok(Some(all)));
         assert!(!sibling(&path, "tmp").exists());
+        // A finish that fails (here its rename, onto a directory that is not empty) leaves
+        // no temporary file either.
+        let blocked = dir.0.join("blocked");
+        fs::create_dir_all(blocked.join("inside")).unwrap();
+        let mut writer = StateWriter::create(&blocked).unwrap();
+        writer.append(&slices[0]).unwrap();
+        assert!(writer.finish().is_err());
+        assert!(!sibling(&blocked, "tmp").exists());
     }
 
     /// A fresh directory under the system's temporary one, removed when dropped.
