@@ -243,9 +243,10 @@ impl Config {
         Duration::from_secs(self.snapshot_interval)
     }
 
-    /// How long the snapshot thread waits for the workers' copies. Workers copy their tables
-    /// a slice at a time between batches, which takes seconds for millions of apps under
-    /// load: they get the interval, and at least a minute.
+    /// How long the snapshot thread waits for the workers' copies of one shard (a snapshot
+    /// asks for the 256 shards in turn). Workers copy a shard a slice at a time between
+    /// batches, which can take long under full load: they get the interval, and at least a
+    /// minute.
     pub fn snapshot_reply_timeout(&self) -> Duration {
         self.snapshot_interval().max(Duration::from_secs(60))
     }

@@ -52,9 +52,9 @@ pub struct SnapshotCounters {
 }
 
 impl SnapshotCounters {
-    pub fn record_success(&self, apps: usize, took: std::time::Duration) {
+    pub fn record_success(&self, apps: u64, took: std::time::Duration) {
         self.taken.fetch_add(1, Ordering::Relaxed);
-        self.last_apps.store(apps as u64, Ordering::Relaxed);
+        self.last_apps.store(apps, Ordering::Relaxed);
         self.last_duration_ns.store(
             u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
             Ordering::Relaxed,

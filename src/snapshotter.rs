@@ -82,16 +82,8 @@ fn check_writable(path: &Path) -> io::Result<()> {
 
 /// Writes every worker's apps to the state file at `path`, one shard at a time: the thread
 /// holds one shard's copies, merged over the workers, at once. Returns the apps written.
-fn write_snapshot(cluster: &Cluster, path: &Path) -> Result<usize, String> {
-    let mut writer = StateWriter::create(path).map_err(|e| e.to_string())?;
-    for shard in 0..SHARDS {
-        let per_worker = cluster.snapshot_shard(shard).map_err(|e| e.to_string())?;
-        writer
-            .append(&snapshot::merge_records(per_worker))
-            .map_err(|e| e.to_string())?;
-    }
-    let apps = writer.finish().map_err(|e| e.to_string())?;
-    Ok(usize::try_from(apps).unwrap_or(usize::MAX))
+fn write_snapshot(cluster: &Cluster, path: &Path) -> Result<u64, String> {
+    write_shards(path, |shard| cluster.snapshot_shard(shard))
 }
 
 /// Writes the stopped workers' tables to the state file, one shard at a time, merged over the
@@ -99,13 +91,26 @@ fn write_snapshot(cluster: &Cluster, path: &Path) -> Result<usize, String> {
 pub fn write_state<'a>(
     path: &Path,
     tables: impl Iterator<Item = &'a AppTable> + Clone,
-) -> io::Result<u64> {
-    let mut writer = StateWriter::create(path)?;
+) -> Result<u64, String> {
+    write_shards(path, |shard| {
+        Ok::<_, String>(tables.clone().map(|t| t.shard_records(shard)).collect())
+    })
+}
+
+/// Writes a state file a shard at a time, each shard's records merged over the workers' copies
+/// that `per_worker` gives for it; returns the apps written.
+fn write_shards<E: std::fmt::Display>(
+    path: &Path,
+    mut per_worker: impl FnMut(usize) -> Result<Vec<Vec<AppRecord>>, E>,
+) -> Result<u64, String> {
+    let mut writer = StateWriter::create(path).map_err(|e| e.to_string())?;
     for shard in 0..SHARDS {
-        let records = snapshot::merge_records(tables.clone().map(|t| t.shard_records(shard)));
-        writer.append(&records)?;
+        let records = per_worker(shard).map_err(|e| e.to_string())?;
+        writer
+            .append(&snapshot::merge_records(records))
+            .map_err(|e| e.to_string())?;
     }
-    writer.finish()
+    writer.finish().map_err(|e| e.to_string())
 }
 
 /// The thread that writes the state file every --snapshot-interval, and when asked. The
