@@ -7,7 +7,7 @@
 
 use std::cell::Cell;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
@@ -110,13 +110,7 @@ impl Cluster {
     /// tables are freed on the reclaiming thread, so the answer does not wait for a million
     /// apps to be freed one by one.
     pub fn reset_all(&self) -> Result<(), Unavailable> {
-        // One reset at a time (in cluster mode the HTTP thread and the flusher may both
-        // reset): two at once could each hold some workers still while waiting for the
-        // others, until their deadlines.
-        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-        let _turn = ONE_AT_A_TIME
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _turn = self.budget.reset_turn();
         let (resume, hold) = crossbeam_channel::bounded::<()>(0);
         let tables = self.ask_all(|reply| Command::ResetAll {
             reply,

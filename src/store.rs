@@ -51,6 +51,8 @@ pub struct AppBudget {
     entries: AtomicUsize,
     /// For every tracked app, how many workers hold an entry for it; one lock per shard.
     holders: Box<[Mutex<HashTable<Holders>>]>,
+    /// Held through a reset of the tables that share this budget; see [`AppBudget::reset_turn`].
+    resetting: Mutex<()>,
 }
 
 impl AppBudget {
@@ -61,7 +63,16 @@ impl AppBudget {
             apps: AtomicUsize::new(0),
             entries: AtomicUsize::new(0),
             holders: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
+            resetting: Mutex::new(()),
         }
+    }
+
+    /// One reset at a time of the tables that share this budget (in cluster mode the HTTP
+    /// thread and the flusher may both reset): two at once could each hold some workers still
+    /// while waiting for the others, until their deadlines. Hold the guard from asking the
+    /// workers for their tables until they resume.
+    pub fn reset_turn(&self) -> MutexGuard<'_, ()> {
+        lock(&self.resetting)
     }
 
     /// The hasher of every table that shares this budget.
