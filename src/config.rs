@@ -181,7 +181,12 @@ impl Config {
         let config = Config::from_arg_matches(&matches).unwrap_or_else(|e| exit_on(e));
         let on_command_line =
             matches.value_source("redis_cluster") == Some(clap::parser::ValueSource::CommandLine);
-        if on_command_line && config.redis_cluster.iter().any(|seed| has_password(seed)) {
+        if on_command_line
+            && config
+                .redis_cluster
+                .iter()
+                .any(|seed| crate::redis_store::seed_has_password(seed))
+        {
             return Err(format!(
                 "--redis-cluster: a password on the command line is readable in the process \
                  list; put it in {REDIS_PASSWORD_ENV} or --redis-password-file, or the URL in \
@@ -336,14 +341,6 @@ fn exit_on(error: clap::Error) -> ! {
     let line = line.strip_prefix("error: ").unwrap_or(line);
     log::error!("{line} (see --help)");
     std::process::exit(2);
-}
-
-/// Whether a seed URL carries a password (`redis://USER:PASSWORD@HOST:PORT`).
-fn has_password(seed: &str) -> bool {
-    let rest = seed.strip_prefix("redis://").unwrap_or(seed);
-    rest.rsplit_once('@')
-        .and_then(|(credentials, _)| credentials.split_once(':'))
-        .is_some_and(|(_, password)| !password.is_empty())
 }
 
 /// The host name and the UDP port, in the characters a node id may hold.

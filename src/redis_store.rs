@@ -353,6 +353,12 @@ impl StoreSettings {
     }
 }
 
+/// Whether a seed URL carries a password, read as the client reads the URL.
+pub fn seed_has_password(seed: &str) -> bool {
+    seed.into_connection_info()
+        .is_ok_and(|info| info.redis_settings().password().is_some())
+}
+
 /// A seed URL without its credentials.
 fn redact(seed: &str) -> String {
     let rest = seed.strip_prefix("redis://").unwrap_or(seed);

@@ -67,11 +67,9 @@ impl CaughtSignals {
 /// Calls `handle` on a thread of its own for every SIGINT and SIGTERM: the stop signals of
 /// the tools (the discard receiver), which have no state to keep.
 pub fn on_stop_signals(handle: impl Fn(i32) + Send + 'static) -> io::Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
-    thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || signals.forever().for_each(handle))?;
-    Ok(())
+    signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map(CaughtSignals)?
+        .forward(handle)
 }
 
 #[cfg(test)]
