@@ -594,8 +594,8 @@ mod tests {
                 ingested: 4,
                 ..Totals::default()
             },
-            app_entries: 1,
-            apps_distinct: 1,
+            app_entries: 3,
+            apps_distinct: 2,
             snapshots: Some(SnapshotSample {
                 last_success_unix_s: 1_764_580_000,
                 ..SnapshotSample::default()
@@ -619,7 +619,8 @@ mod tests {
             "ipevents_datagrams_received_total{worker=\"0\"} 5",
             "ipevents_socket_receive_buffer_bytes{worker=\"0\"} 4096",
             "ipevents_datagrams_invalid_total{reason=\"bad_sha\"} 0",
-            "ipevents_apps_tracked 1",
+            "ipevents_apps_tracked 2",
+            "ipevents_app_entries 3",
             "ipevents_snapshot_last_success_timestamp_seconds 1764580000",
             "ipevents_http_connections_open 2",
             "ipevents_http_refused_total{reason=\"timeout\"} 1",

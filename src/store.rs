@@ -933,18 +933,22 @@ mod tests {
         assert_eq!(first.partial(&app(1)), Partial::default());
     }
 
+    /// `N` tables sharing one budget of `max_apps`, as a server's workers do.
+    fn tables_sharing<const N: usize>(
+        max_apps: usize,
+        max_ips_per_app: usize,
+    ) -> (Arc<AppBudget>, [AppTable; N]) {
+        let budget = Arc::new(AppBudget::new(max_apps));
+        let limits = Limits { max_ips_per_app };
+        let tables = std::array::from_fn(|_| AppTable::new(limits, budget.clone()));
+        (budget, tables)
+    }
+
     /// A reset takes every table and clears the register in one step; the old tables then
     /// drop without giving anything back twice, and the new ones count from zero.
     #[test]
     fn clearing_the_budget_forgets_every_table_at_once() {
-        let budget = Arc::new(AppBudget::new(3));
-        let limits = Limits {
-            max_ips_per_app: 10,
-        };
-        let mut workers = [
-            AppTable::new(limits, budget.clone()),
-            AppTable::new(limits, budget.clone()),
-        ];
+        let (budget, mut workers) = tables_sharing::<2>(3, 10);
         for n in 0..3 {
             for worker in &mut workers {
                 assert_eq!(worker.apply(Event { app: app(n), ip: 1 }), Applied::Stored);
@@ -985,14 +989,7 @@ mod tests {
     /// for it yet; a flood of made-up apps must not make that worker drop it.
     #[test]
     fn a_tracked_app_keeps_every_event_on_every_worker() {
-        let budget = Arc::new(AppBudget::new(100));
-        let limits = Limits {
-            max_ips_per_app: 10,
-        };
-        let mut workers = [
-            AppTable::new(limits, budget.clone()),
-            AppTable::new(limits, budget.clone()),
-        ];
+        let (budget, mut workers) = tables_sharing::<2>(100, 10);
         let victim = app(0xaa);
         assert_eq!(
             workers[0].apply(Event { app: victim, ip: 1 }),
@@ -1147,6 +1144,7 @@ mod tests {
         assert!(deltas.remove(&app(1)));
         assert_eq!((deltas.apps(), deltas.pairs()), (1, 1));
         // Taking and consuming tables gives their app budget back.
+        assert_eq!(worker.budget.used(), 0);
         assert_eq!(worker.check_invariants(), Ok(()));
     }
 
@@ -1199,8 +1197,8 @@ mod tests {
                 let limits = Limits { max_ips_per_app: 20 };
                 let mut workers: Vec<AppTable> =
                     (0..3).map(|_| AppTable::new(limits, budget.clone())).collect();
-                // The model: per app, its events and its distinct IPs (the cap is 20 and at
-                // most 40 IPs are drawn, so a worker may truncate; counts never).
+                // The model: per app, its events (the IP cap is 20 and at most 40 IPs are
+                // drawn, so a worker may truncate its IPs; its counts never).
                 let mut model: BTreeMap<u8, u64> = BTreeMap::new();
                 for &(op, a, ip, worker) in &ops {
                     match op {

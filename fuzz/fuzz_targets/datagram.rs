@@ -200,10 +200,11 @@ impl Harness {
         self.model = Model::default();
         for table in &mut self.tables {
             // As a reset does: take the table, clear the budget in one step, drop the old one.
+            assert_eq!(table.table.check_invariants(), Ok(()));
             let taken = table.table.take();
             drop(table.budget.clear(vec![taken]));
             assert_eq!(table.budget.used(), 0, "budget after clear");
-            assert_eq!(table.table.check_invariants(), Ok(()));
+            assert!(table.table.is_empty());
         }
     }
 
