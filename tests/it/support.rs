@@ -285,6 +285,12 @@ pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
 
 /// Sums the samples of `name` in Prometheus text.
 pub fn metric(text: &str, name: &str) -> u64 {
+    sample(text, name).unwrap_or(0)
+}
+
+/// The sum of `name`'s samples, or `None` when `/metrics` has none: for asserting a zero
+/// that a missing or renamed family would otherwise pass.
+pub fn sample(text: &str, name: &str) -> Option<u64> {
     text.lines()
         .filter(|line| !line.starts_with('#'))
         .filter_map(|line| {
@@ -292,7 +298,7 @@ pub fn metric(text: &str, name: &str) -> u64 {
             let metric_name = key.split('{').next()?;
             (metric_name == name).then(|| value.parse::<u64>().ok())?
         })
-        .sum()
+        .reduce(|a, b| a + b)
 }
 
 /// The value of the sample of `name` whose labels contain `label`, e.g. `reason="bad_sha"`.
