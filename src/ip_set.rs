@@ -144,29 +144,30 @@ impl IpSet {
     #[inline]
     pub fn add(&mut self, ip: u32, events: u64, max_ips: usize) -> bool {
         debug_assert!(events > 0);
-        // Inline, the common case: an IP the set holds, whose count still fits its slot.
-        if let Some(slots) = self.array_mut() {
-            let found = if slots.len() <= FLAT_SLOTS_MAX {
-                flat_find(slots, ip)
-            } else {
-                hashed_find(slots, ip)
-            };
-            if let Ok(index) = found {
-                if slots[index].add(events) {
+        // Inline, the common case: an array, searched once, which either takes the event or
+        // says which layout the set must move to first.
+        let Some(slots) = self.array_mut() else {
+            if let IpSet::One(slot) = self {
+                if slot.ip == ip && slot.add(events) {
                     return true;
                 }
             }
-        } else if let IpSet::One(slot) = self {
-            if slot.ip == ip && slot.add(events) {
-                return true;
-            }
+            return self.add_unarrayed(ip, events, max_ips);
+        };
+        let added = if slots.len() <= FLAT_SLOTS_MAX {
+            add_flat(slots, ip, events, max_ips)
+        } else {
+            add_hashed(slots, ip, events, max_ips)
+        };
+        match added {
+            Ok(stored) => stored,
+            Err(grow) => self.grow_and_add(grow, ip, events, max_ips),
         }
-        self.add_new(ip, events, max_ips)
     }
 
-    /// The rest of `add`: a new IP, a set that must change its layout, or the map.
+    /// `add` for the layouts that are not arrays: none, one IP, or the map.
     #[inline(never)]
-    fn add_new(&mut self, ip: u32, events: u64, max_ips: usize) -> bool {
+    fn add_unarrayed(&mut self, ip: u32, events: u64, max_ips: usize) -> bool {
         let grow = match self {
             IpSet::Empty => {
                 if max_ips == 0 {
@@ -198,25 +199,20 @@ impl IpSet {
                 map.insert(ip, events);
                 return true;
             }
-            _ => {
-                let slots = self.array_mut().expect("the other layouts are arrays");
-                let added = if slots.len() <= FLAT_SLOTS_MAX {
-                    add_flat(slots, ip, events, max_ips)
-                } else {
-                    add_hashed(slots, ip, events, max_ips)
-                };
-                match added {
-                    Ok(stored) => return stored,
-                    Err(grow) => grow,
-                }
-            }
+            _ => unreachable!("arrays are added to by `add`"),
         };
-        let pairs = self.pairs();
+        self.grow_and_add(grow, ip, events, max_ips)
+    }
+
+    /// Moves the set to the layout `grow` names, then adds.
+    #[inline(never)]
+    fn grow_and_add(&mut self, grow: Grow, ip: u32, events: u64, max_ips: usize) -> bool {
+        let old = std::mem::replace(self, IpSet::Empty);
         *self = match grow {
             Grow::To(slots) => {
                 let mut grown = IpSet::with_capacity(slots);
                 let array = grown.array_mut().expect("an array layout");
-                for (ip, events) in pairs {
+                for (ip, events) in old.iter_pairs() {
                     let found = if slots <= FLAT_SLOTS_MAX {
                         flat_find(array, ip)
                     } else {
@@ -231,8 +227,8 @@ impl IpSet {
                 grown
             }
             Grow::Wide => {
-                let mut map = HashMap::with_capacity_and_hasher(2 * pairs.len(), KeyedHash::new());
-                map.extend(pairs);
+                let mut map = HashMap::with_capacity_and_hasher(2 * old.len(), KeyedHash::new());
+                map.extend(old.iter_pairs());
                 IpSet::Wide(Box::new(map))
             }
         };
@@ -241,19 +237,29 @@ impl IpSet {
 
     /// Every (ip, events) pair, in no particular order.
     pub fn pairs(&self) -> Vec<(u32, u64)> {
-        let pair = |slot: &Slot| (slot.ip, u64::from(slot.events));
-        match self {
-            IpSet::Empty => Vec::new(),
-            IpSet::One(one) => vec![pair(one)],
-            IpSet::Wide(map) => map.iter().map(|(&ip, &events)| (ip, events)).collect(),
-            _ => self
-                .array()
-                .expect("the other layouts are arrays")
-                .iter()
-                .filter(|slot| !slot.is_free())
-                .map(pair)
-                .collect(),
-        }
+        self.iter_pairs().collect()
+    }
+
+    /// [`pairs`](IpSet::pairs), without collecting them.
+    fn iter_pairs(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        let (one, array, map) = match self {
+            IpSet::Empty => (None, &[][..], None),
+            IpSet::One(slot) => (Some(*slot), &[][..], None),
+            IpSet::Wide(map) => (None, &[][..], Some(map)),
+            _ => (
+                None,
+                self.array().expect("the other layouts are arrays"),
+                None,
+            ),
+        };
+        let slots = one.into_iter().chain(array.iter().copied());
+        slots
+            .filter(|slot| !slot.is_free())
+            .map(|slot| (slot.ip, u64::from(slot.events)))
+            .chain(
+                map.into_iter()
+                    .flat_map(|map| map.iter().map(|(&ip, &events)| (ip, events))),
+            )
     }
 }
 
