@@ -15,11 +15,12 @@ use std::net::UdpSocket;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
 
 use crate::cluster::Cluster;
+use crate::log_limit::LogLimit;
 use crate::metrics;
 use crate::sketch::HeavyHitters;
 use crate::socket::{self, SteeringKey, MAX_HOT_KEYS};
@@ -166,13 +167,9 @@ impl Balancer {
                 let workers = cluster.workers().len();
                 let mut hot = HotSet::new(workers);
                 let mut attached: Vec<SteeringKey> = Vec::new();
-                let mut last_failure_log: Option<Instant> = None;
+                let mut failure_log = LogLimit::every(FAILURE_LOG_INTERVAL);
                 let mut log_failure = |message: String| {
-                    let now = Instant::now();
-                    if last_failure_log
-                        .is_none_or(|last| now.duration_since(last) >= FAILURE_LOG_INTERVAL)
-                    {
-                        last_failure_log = Some(now);
+                    if failure_log.ready() {
                         log::warn!("{message}");
                     }
                 };

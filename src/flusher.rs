@@ -20,6 +20,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hdrhistogram::Histogram;
 
 use crate::cluster::{Cluster, Unavailable};
+use crate::log_limit::LogLimit;
 use crate::metrics::{self, ReportExtra};
 use crate::redis_store::{
     Changes, FlushSeq, RedisStore, ResetId, StoreError, StoreErrorKind, StoreSettings,
@@ -212,7 +213,7 @@ pub struct Node {
     pending: Mutex<Pending>,
     pub counters: StoreCounters,
     settings: NodeSettings,
-    last_error_log: Mutex<Option<Instant>>,
+    store_error_log: Mutex<LogLimit>,
 }
 
 impl Node {
@@ -227,10 +228,7 @@ impl Node {
 
     /// Logs a store error, at most once per [`STORE_ERROR_LOG_INTERVAL`].
     fn log_store_error(&self, what: &str, error: &StoreError) {
-        let mut last = lock(&self.last_error_log);
-        let now = Instant::now();
-        if last.is_none_or(|at| now.duration_since(at) >= STORE_ERROR_LOG_INTERVAL) {
-            *last = Some(now);
+        if lock(&self.store_error_log).ready() {
             log::warn!("{what}: {error}; deltas are kept and retried");
         }
     }
@@ -285,7 +283,7 @@ pub fn connect(settings: &StoreSettings, node: NodeSettings) -> Result<Connected
             pending: Mutex::new(pending),
             counters: StoreCounters::default(),
             settings: node,
-            last_error_log: Mutex::new(None),
+            store_error_log: Mutex::new(LogLimit::every(STORE_ERROR_LOG_INTERVAL)),
         }),
         view_store,
         flusher_store: connect()?,

@@ -17,6 +17,7 @@
 //!
 //! The gate never looks at what a request asks for: routing and answers stay with the API.
 
+use crate::log_limit::LogLimit;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
@@ -199,7 +200,7 @@ fn accept_loop(
     counters: &Arc<GateCounters>,
     stopping: &AtomicBool,
 ) {
-    let mut last_error_log: Option<Instant> = None;
+    let mut accept_error_log = LogLimit::every(Duration::from_secs(60));
     loop {
         let client = listener.accept();
         if stopping.load(Ordering::Acquire) {
@@ -210,8 +211,7 @@ fn accept_loop(
             Err(e) => {
                 // Out of file descriptors, typically: wait a little instead of spinning, and
                 // say so at most once a minute.
-                if last_error_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                    last_error_log = Some(Instant::now());
+                if accept_error_log.ready() {
                     log::error!("http: accept: {e}");
                 }
                 thread::sleep(Duration::from_millis(10));

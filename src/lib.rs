@@ -5,6 +5,7 @@
 //! queries by asking every worker for its partial answer and merging them. The modules, in
 //! dependency order:
 //!
+//! - [`log_limit`]: a repeating log line, let through at most once an interval.
 //! - [`wire`]: the datagram format; parse and validate a datagram into an `Event`.
 //! - [`keyed_hash`]: the tables' keyed hash, and the shards it splits the apps into.
 //! - [`ip_set`]: one app's IPs and their counts, in the layout that fits their number.
@@ -67,6 +68,7 @@ macro_rules! labelled_enum {
     };
 }
 
+pub mod log_limit;
 pub mod wire;
 pub mod keyed_hash;
 pub mod ip_set;

@@ -18,6 +18,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::log_limit::LogLimit;
 use crate::sketch::{HeavyHitters, Sampler};
 use crate::socket::{self, RecvBatch};
 use crate::store::{AppRecord, AppTable, Applied, Partial};
@@ -246,7 +247,7 @@ pub struct Worker {
     counters: Arc<Counters>,
     latencies: Latencies,
     readable: bool,
-    last_error_log: Option<Instant>,
+    recv_error_log: LogLimit,
     snapshot: Option<SnapshotJob>,
     /// The sample of the traffic that adaptive steering asks for; none for the other modes,
     /// which then pay nothing for it.
@@ -280,7 +281,7 @@ impl Worker {
             counters: counters.clone(),
             latencies: Latencies::new(),
             readable: true,
-            last_error_log: None,
+            recv_error_log: LogLimit::every(Duration::from_secs(60)),
             snapshot: None,
             sampler: None,
         };
@@ -481,12 +482,7 @@ impl Worker {
 
     /// Logs a receive error at most once a minute: a persistent error must not flood the log.
     fn log_recv_error(&mut self, error: &io::Error) {
-        let now = Instant::now();
-        if self
-            .last_error_log
-            .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(60))
-        {
-            self.last_error_log = Some(now);
+        if self.recv_error_log.ready() {
             log::error!("worker {}: recvmmsg: {error}", self.id);
         }
     }
