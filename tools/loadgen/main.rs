@@ -578,7 +578,7 @@ mod tests {
         }
         for (flags, error) in [
             ("--each-pair-times 3 --count 48001", "at most 48000"),
-            ("--each-pair-times 0", "0"),
+            ("--each-pair-times 0", "0 is not in 1.."),
             (
                 "--each-pair-times 2 --each-pair-once",
                 "cannot be used with",
