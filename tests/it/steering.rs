@@ -79,6 +79,18 @@ fn until_hot_apps(server: &Server, done: impl Fn(u64) -> bool, mut traffic: impl
     }
 }
 
+/// Sends `sha` from `socket`, checking its count after every round, until adaptive steering
+/// holds exactly one hot app; returns the events sent.
+fn make_hot(server: &Server, socket: &UdpSocket, sha: &str) -> u64 {
+    let mut sent = 0;
+    until_hot_apps(
+        server,
+        |hot_apps| hot_apps == 1,
+        || send_and_check(server, socket, sha, ROUND, &mut sent),
+    );
+    sent
+}
+
 /// Each app is held by exactly one worker: as many app entries as distinct apps.
 #[track_caller]
 fn check_each_app_on_one_worker(server: &Server, apps: u64) {
@@ -102,12 +114,7 @@ fn a_hot_app_from_one_socket_is_spread_over_both_workers() {
     );
     let socket = &senders(&server, 1)[0];
     let hot = sha(0x1234_abcd);
-    let mut sent = 0;
-    until_hot_apps(
-        &server,
-        |hot| hot == 1,
-        || send_and_check(&server, socket, &hot, ROUND, &mut sent),
-    );
+    let mut sent = make_hot(&server, socket, &hot);
     // One connected socket, one app: app steering alone would put all of it on one worker.
     let spread = landed(&server, || {
         send_and_check(&server, socket, &hot, 2_000, &mut sent)
@@ -170,12 +177,7 @@ fn an_app_turns_hot_then_cools_down_with_exact_counts() {
     let server = Server::start(&["--workers", "2"]);
     let sockets = senders(&server, 8);
     let hot = sha(0xfeed_0001);
-    let mut hot_sent = 0;
-    until_hot_apps(
-        &server,
-        |hot| hot == 1,
-        || send_and_check(&server, &sockets[0], &hot, ROUND, &mut hot_sent),
-    );
+    let mut hot_sent = make_hot(&server, &sockets[0], &hot);
     // Now many other apps carry the traffic, and the hot one only 1 event in 50: well below
     // the cool threshold, so it leaves the set after a few intervals. Every round queries it
     // while the set changes.
@@ -218,12 +220,7 @@ fn the_hot_set_survives_an_idle_server() {
     let server = Server::start(&["--workers", "2"]);
     let socket = &senders(&server, 1)[0];
     let hot = sha(0xabad_cafe);
-    let mut sent = 0;
-    until_hot_apps(
-        &server,
-        |hot| hot == 1,
-        || send_and_check(&server, socket, &hot, ROUND, &mut sent),
-    );
+    let mut sent = make_hot(&server, socket, &hot);
     let changes = server.metric("ipevents_steering_changes_total");
     // Idle for more than the cool intervals (3 s): the server answers queries meanwhile.
     let idle_until = Instant::now() + Duration::from_secs(4);
