@@ -281,8 +281,11 @@ impl SteeringKey {
         let mut digits = [0u8; 8];
         // The sha's first four bytes are its first eight hex digits; the program sees them
         // lower-cased whatever case the sender used.
-        const_hex::encode_to_slice(&app.0[..4], &mut digits)
-            .expect("four bytes are eight hex digits");
+        let _ = hex_simd::encode(
+            &app.0[..4],
+            hex_simd::Out::from_slice(&mut digits),
+            hex_simd::AsciiCase::Lower,
+        );
         SteeringKey(u64::from_be_bytes(digits))
     }
 

@@ -226,6 +226,15 @@ fn main() -> ExitCode {
         .map(|key| key.to_hex().into_bytes().try_into().expect("64 digits"))
         .collect();
     let decode_ns_server = decode_ns(&shas, AppKey::from_hex, args.runs);
+    let decode_ns_const_hex = decode_ns(
+        &shas,
+        |digits| {
+            let mut key = [0u8; 32];
+            const_hex::decode_to_slice(digits, &mut key).ok()?;
+            Some(AppKey(key))
+        },
+        args.runs,
+    );
     let decode_ns_hex_crate = decode_ns(
         &shas,
         |digits| {
@@ -256,7 +265,12 @@ fn main() -> ExitCode {
         (
             "hex_decode_ns",
             decode_ns_server,
-            "64 hex digits checked and decoded (the server's, const-hex)".to_owned(),
+            "64 hex digits checked and decoded (the server's, hex-simd)".to_owned(),
+        ),
+        (
+            "hex_decode_const_hex_ns",
+            decode_ns_const_hex,
+            "the same with const-hex".to_owned(),
         ),
         (
             "hex_decode_hex_crate_ns",
