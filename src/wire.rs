@@ -116,7 +116,28 @@ pub fn parse(datagram: &[u8]) -> Result<Event, Reject> {
 /// [`parse`], writing the event into `event`, which holds anything on an error. A worker
 /// parses a batch straight into its slots this way: the common datagram's sha is decoded
 /// where the table will read it, not built on the stack and copied there.
+#[inline]
 pub fn parse_into(datagram: &[u8], event: &mut Event) -> Result<(), Reject> {
+    // Every client encodes the sha first, as a 64-byte field (key 0x0a, length 0x40), and the
+    // ip (key 0x10) right after it as the last field: such a datagram is read here, inline in
+    // the worker's loop, with the general walk's result (it is at most 72 bytes, so never
+    // oversized). Anything else, an invalid sha included, takes the general walk.
+    if let [0x0a, 0x40, rest @ ..] = datagram {
+        if let Some((digits, [0x10, varint @ ..])) = rest.split_at_checked(64) {
+            if let Some(ip) = whole_short_varint(varint) {
+                if event.app.decode(digits) {
+                    event.ip = u32::try_from(ip).map_err(|_| Reject::IpOutOfRange)?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+    parse_fields(datagram, event)
+}
+
+/// The general walk of [`parse_into`]: every field in order, whatever the layout.
+#[inline(never)]
+fn parse_fields(datagram: &[u8], event: &mut Event) -> Result<(), Reject> {
     if datagram.is_empty() {
         return Err(Reject::Empty);
     }
@@ -127,26 +148,6 @@ pub fn parse_into(datagram: &[u8], event: &mut Event) -> Result<(), Reject> {
     // `Some(None)`: the last `app_sha256` was not 64 hex digits.
     let mut sha: Option<Option<AppKey>> = None;
     let mut ip: Option<i64> = None;
-    // Every client encodes the sha first, as a 64-byte field (key 0x0a, length 0x40): take it
-    // without the general walk, which goes on from there. Anything else, an invalid sha
-    // included, takes the general walk from the start.
-    if let [0x0a, 0x40, rest @ ..] = datagram {
-        let decoded = rest
-            .get(..64)
-            .is_some_and(|digits| event.app.decode(digits));
-        if decoded {
-            // And the ip field (key 0x10) right after it, as the datagram's last field: the
-            // whole datagram is then read, with the general walk's result.
-            if let [0x10, varint @ ..] = &rest[64..] {
-                if let Some(ip) = whole_short_varint(varint) {
-                    event.ip = u32::try_from(ip).map_err(|_| Reject::IpOutOfRange)?;
-                    return Ok(());
-                }
-            }
-            sha = Some(Some(event.app));
-            buf = &rest[64..];
-        }
-    }
     while !buf.is_empty() {
         let (tag, wire_type) = decode_key(&mut buf).map_err(|_| Reject::Malformed)?;
         match (tag, wire_type) {
@@ -188,19 +189,31 @@ pub fn parse_into(datagram: &[u8], event: &mut Event) -> Result<(), Reject> {
 /// The value of a varint that takes exactly `bytes`, at most five of them (enough for any
 /// IPv4 address); `None` for anything else, which the general walk then reads. Like prost, it
 /// accepts a varint padded with continuation bytes (0x80 0x00 is 0).
+///
+/// The bytes are read as one little-endian word and checked and folded without a branch per
+/// byte: every byte but the last must have its continuation bit set, the last must not.
+#[inline]
 fn whole_short_varint(bytes: &[u8]) -> Option<u64> {
     if bytes.is_empty() || bytes.len() > 5 {
         return None;
     }
-    let mut value = 0u64;
+    let mut word = 0u64;
     for (i, &byte) in bytes.iter().enumerate() {
-        let last = i + 1 == bytes.len();
-        if (byte & 0x80 == 0) != last {
-            return None;
-        }
-        value |= u64::from(byte & 0x7f) << (7 * i);
+        word |= u64::from(byte) << (8 * i);
     }
-    Some(value)
+    // The continuation bits of bytes 0 to len - 2; the bytes past the end read as 0.
+    let continued = 0x80_8080_8080 & ((1u64 << (8 * (bytes.len() - 1))) - 1);
+    if word & 0x80_8080_8080 != continued {
+        return None;
+    }
+    let digits = word & 0x7f_7f7f_7f7f;
+    Some(
+        (digits & 0x7f)
+            | ((digits >> 1) & (0x7f << 7))
+            | ((digits >> 2) & (0x7f << 14))
+            | ((digits >> 3) & (0x7f << 21))
+            | ((digits >> 4) & (0x7f << 28)),
+    )
 }
 
 /// Encodes an event as one datagram; used by the tools and tests, never by the server.
@@ -465,6 +478,28 @@ mod tests {
             /// bytes: the same value when the run is exactly one varint, `None` otherwise.
             #[test]
             fn short_varints_read_as_prost_reads_them(bytes in proptest::collection::vec(any::<u8>(), 0..7)) {
+                let mut buf = bytes.as_slice();
+                let prost = decode_varint(&mut buf).ok().filter(|_| buf.is_empty());
+                let want = prost.filter(|_| (1..=5).contains(&bytes.len()));
+                prop_assert_eq!(whole_short_varint(&bytes), want);
+            }
+
+            /// The same for runs shaped like varints (every byte but the last continued), the
+            /// ones random bytes rarely make, with one continuation bit flipped in some.
+            #[test]
+            fn varint_shaped_runs_read_as_prost_reads_them(
+                payload in proptest::collection::vec(any::<u8>(), 1..7),
+                flip in proptest::option::of(0usize..7),
+            ) {
+                let last = payload.len() - 1;
+                let mut bytes: Vec<u8> = payload
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &b)| if i == last { b & 0x7f } else { b | 0x80 })
+                    .collect();
+                if let Some(at) = flip.filter(|&at| at < bytes.len()) {
+                    bytes[at] ^= 0x80;
+                }
                 let mut buf = bytes.as_slice();
                 let prost = decode_varint(&mut buf).ok().filter(|_| buf.is_empty());
                 let want = prost.filter(|_| (1..=5).contains(&bytes.len()));
