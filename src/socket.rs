@@ -640,13 +640,10 @@ impl RecvBatch {
     /// Receives up to `capacity` datagrams without blocking. `WouldBlock` when none is queued.
     pub fn recv(&mut self, socket: &impl AsRawFd) -> io::Result<usize> {
         self.received = 0;
-        // The kernel writes only these fields; the buffers' pointers were set once in `new`.
-        for header in &mut self.headers {
-            header.msg_hdr.msg_namelen = 0;
-            header.msg_hdr.msg_controllen = 0;
-            header.msg_hdr.msg_flags = 0;
-            header.msg_len = 0;
-        }
+        // Nothing is reset between calls: the headers were set once in `new`, with no name
+        // and no control buffer, so the kernel leaves `msg_namelen` and `msg_controllen` at 0,
+        // and it writes `msg_len` and `msg_flags` of every message it returns, the only ones
+        // `datagram` reads.
         // SAFETY: every header points to its own iovec and payload slot, which live in `self`
         // for the whole call; the count matches the headers' length.
         let rc = unsafe {
