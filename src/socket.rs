@@ -736,6 +736,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn each_batch_reads_the_lengths_of_its_own_datagrams() {
+        // (datagram lengths sent, lengths the batch shows): the same slots take an oversized
+        // datagram in one call and short ones in the next, since nothing resets them.
+        let oversized = SLOT_BYTES + 100;
+        let rounds: [(&[usize], &[usize]); 4] = [
+            (&[oversized, 10, 0], &[SLOT_BYTES, 10, 0]),
+            (&[10, oversized, 5], &[10, SLOT_BYTES, 5]),
+            (&[1], &[1]),
+            (&[79, 79, 79, 79], &[79, 79, 79, 79]),
+        ];
+        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        receiver.set_nonblocking(true).unwrap();
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sender.connect(receiver.local_addr().unwrap()).unwrap();
+        let mut batch = RecvBatch::new(4);
+        for (sent, want) in rounds {
+            for &len in sent {
+                sender.send(&vec![0xab; len]).unwrap();
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            let received = loop {
+                match batch.recv(&receiver) {
+                    Ok(n) if n == sent.len() => break n,
+                    // Loopback delivers before `send` returns; this only guards a slow kernel.
+                    Ok(n) => panic!("{n} of {} datagrams in one call", sent.len()),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        assert!(std::time::Instant::now() < deadline, "nothing arrived");
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    Err(e) => panic!("recv: {e}"),
+                }
+            };
+            let lens: Vec<usize> = (0..received).map(|i| batch.datagram(i).len()).collect();
+            assert_eq!(lens, want, "sent {sent:?}");
+        }
+    }
+
+    #[test]
     fn warns_when_the_buffer_is_far_from_the_request() {
         let check = |requested_bytes, granted_bytes, forced, want: Option<&str>| {
             let rcvbuf = Rcvbuf {
