@@ -141,7 +141,7 @@ impl IpSet {
 
     /// Adds `events` (at least 1) for `ip`; returns false, changing nothing, when `ip` is new
     /// and the set already holds `max_ips`.
-    #[inline]
+    #[inline(always)]
     pub fn add(&mut self, ip: u32, events: u64, max_ips: usize) -> bool {
         debug_assert!(events > 0);
         // Inline, the common case: an array, searched once, which either takes the event or
@@ -268,50 +268,77 @@ fn taken(slots: &[Slot]) -> usize {
     slots.iter().filter(|slot| !slot.is_free()).count()
 }
 
-/// Adds to a flat array: `Ok(stored)`, or the layout the set must move to first.
-#[inline]
+/// Adds to a flat array: `Ok(stored)`, or the layout the set must move to first. The search
+/// and the count are inline, in the worker's loop; a new IP is added out of line.
+#[inline(always)]
 fn add_flat(slots: &mut [Slot], ip: u32, events: u64, max_ips: usize) -> Result<bool, Grow> {
     match flat_find(slots, ip) {
         Ok(index) if slots[index].add(events) => Ok(true),
         Ok(_) => Err(Grow::Wide),
-        // The taken slots come first, so `index` is how many there are.
-        Err(index) if index >= max_ips => Ok(false),
-        Err(index) if index < slots.len() => {
-            let mut slot = Slot { ip, events: 0 };
-            if !slot.add(events) {
-                return Err(Grow::Wide);
-            }
-            slots[index] = slot;
-            Ok(true)
-        }
-        Err(_) => Err(Grow::To(slots.len() * 2)),
+        Err(index) => insert_flat(slots, index, ip, events, max_ips),
     }
 }
 
-/// Adds to an open-addressed array, kept at most three quarters full.
-#[inline]
+/// Puts the new `ip` in the free slot `index` of a flat array (its length when it is full).
+#[inline(never)]
+fn insert_flat(
+    slots: &mut [Slot],
+    index: usize,
+    ip: u32,
+    events: u64,
+    max_ips: usize,
+) -> Result<bool, Grow> {
+    // The taken slots come first, so `index` is how many there are.
+    if index >= max_ips {
+        return Ok(false);
+    }
+    if index == slots.len() {
+        return Err(Grow::To(slots.len() * 2));
+    }
+    let mut slot = Slot { ip, events: 0 };
+    if !slot.add(events) {
+        return Err(Grow::Wide);
+    }
+    slots[index] = slot;
+    Ok(true)
+}
+
+/// Adds to an open-addressed array, kept at most three quarters full; inline as
+/// [`add_flat`] is.
+#[inline(always)]
 fn add_hashed(slots: &mut [Slot], ip: u32, events: u64, max_ips: usize) -> Result<bool, Grow> {
     match hashed_find(slots, ip) {
         Ok(index) if slots[index].add(events) => Ok(true),
         Ok(_) => Err(Grow::Wide),
-        Err(index) => {
-            let len = taken(slots);
-            if len >= max_ips {
-                return Ok(false);
-            }
-            let mut slot = Slot { ip, events: 0 };
-            if !slot.add(events) {
-                return Err(Grow::Wide);
-            }
-            if (len + 1) * 4 <= slots.len() * 3 {
-                slots[index] = slot;
-                Ok(true)
-            } else if slots.len() < HASHED_SLOTS_MAX {
-                Err(Grow::To(slots.len() * 2))
-            } else {
-                Err(Grow::Wide)
-            }
-        }
+        Err(index) => insert_hashed(slots, index, ip, events, max_ips),
+    }
+}
+
+/// Puts the new `ip` in the free slot `index` of an open-addressed array, or says where the
+/// set must grow to.
+#[inline(never)]
+fn insert_hashed(
+    slots: &mut [Slot],
+    index: usize,
+    ip: u32,
+    events: u64,
+    max_ips: usize,
+) -> Result<bool, Grow> {
+    let len = taken(slots);
+    if len >= max_ips {
+        return Ok(false);
+    }
+    let mut slot = Slot { ip, events: 0 };
+    if !slot.add(events) {
+        return Err(Grow::Wide);
+    }
+    if (len + 1) * 4 <= slots.len() * 3 {
+        slots[index] = slot;
+        Ok(true)
+    } else if slots.len() < HASHED_SLOTS_MAX {
+        Err(Grow::To(slots.len() * 2))
+    } else {
+        Err(Grow::Wide)
     }
 }
 
@@ -343,31 +370,33 @@ fn slot_masks(slots: impl Iterator<Item = Slot>, ip: u32) -> (u32, u32) {
     (found, free)
 }
 
-/// Slots an open-addressed probe compares at once.
+/// Slots an open-addressed probe compares at once: the arrays are split into aligned groups
+/// of this many, so a group never wraps around the array's end.
 const PROBE_GROUP: usize = 4;
 
 /// The slot holding `ip` in an open-addressed array, or the free slot where it would go. The
-/// array is never full, so the probe ends. Slots are compared [`PROBE_GROUP`] at a time, from
-/// the home slot on: since IPs are never removed, `ip` can only be held before the first free
-/// slot of its probe, so a group that holds it or a free slot ends the probe, and most probes
+/// array is never full, so the probe ends. The probe visits whole groups of [`PROBE_GROUP`]
+/// slots, from the home group on, and an IP goes into the first free slot of the first group
+/// that has one. Since IPs are never removed, `ip` can only be held before the first group
+/// with a free slot, so a group that holds it or a free slot ends the probe, and most probes
 /// end in the first group, on one predictable branch.
 #[inline]
 fn hashed_find(slots: &[Slot], ip: u32) -> Result<usize, usize> {
-    let mask = slots.len() - 1;
+    let groups = slots.len() / PROBE_GROUP;
     // Fibonacci hashing: the top bits of the product, spread evenly even for the runs of
     // consecutive addresses that a home block is made of.
-    let bits = slots.len().trailing_zeros();
-    let mut index = (ip.wrapping_mul(0x9e37_79b9) >> (32 - bits)) as usize;
+    let bits = groups.trailing_zeros();
+    let mut group = (ip.wrapping_mul(0x9e37_79b9) >> (32 - bits)) as usize;
     loop {
-        let group = (0..PROBE_GROUP).map(|k| slots[(index + k) & mask]);
-        let (found, free) = slot_masks(group, ip);
+        let start = group * PROBE_GROUP;
+        let (found, free) = slot_masks(slots[start..start + PROBE_GROUP].iter().copied(), ip);
         if found != 0 {
-            return Ok((index + found.trailing_zeros() as usize) & mask);
+            return Ok(start + found.trailing_zeros() as usize);
         }
         if free != 0 {
-            return Err((index + free.trailing_zeros() as usize) & mask);
+            return Err(start + free.trailing_zeros() as usize);
         }
-        index = (index + PROBE_GROUP) & mask;
+        group = (group + 1) & (groups - 1);
     }
 }
 
@@ -464,6 +493,41 @@ mod tests {
             assert!(set.add(0, 1, usize::MAX));
         }
         assert_eq!(sorted(&set), vec![(0, 3), (5, 1)]);
+    }
+
+    /// IPs whose probes all start in the last group of both open-addressed sizes, so that
+    /// they fill it and wrap around to the first.
+    fn colliding_ips() -> Vec<u32> {
+        let group =
+            |ip: u32, groups: u32| ip.wrapping_mul(0x9e37_79b9) >> (32 - groups.trailing_zeros());
+        (0..u32::MAX)
+            .filter(|&ip| group(ip, 8) == 7 && group(ip, 16) == 15)
+            .take(64)
+            .collect()
+    }
+
+    proptest::proptest! {
+        /// Any sequence of adds, colliding IPs among them, under any cap, leaves the set
+        /// holding what a map would: each IP's events, and no new IP past the cap.
+        #[test]
+        fn agrees_with_a_map(
+            adds in proptest::collection::vec((0usize..128, proptest::prelude::any::<u32>(), 1u64..4), 0..160),
+            max_ips in 1usize..70,
+        ) {
+            let colliding = colliding_ips();
+            let mut model = std::collections::BTreeMap::new();
+            let mut set = IpSet::Empty;
+            for (pick, random_ip, events) in adds {
+                let ip = colliding.get(pick).copied().unwrap_or(random_ip);
+                let fits = model.contains_key(&ip) || model.len() < max_ips;
+                proptest::prop_assert_eq!(set.add(ip, events, max_ips), fits, "ip {}", ip);
+                if fits {
+                    *model.entry(ip).or_insert(0) += events;
+                }
+            }
+            let want: Vec<(u32, u64)> = model.into_iter().collect();
+            proptest::prop_assert_eq!(sorted(&set), want);
+        }
     }
 
     #[test]
