@@ -101,7 +101,7 @@ fn parse_and_apply_ns(traffic: &Traffic, batch: usize, runs: usize, evict_kib: u
         },
         Arc::new(AppBudget::new(usize::MAX)),
     );
-    let mut events = Vec::with_capacity(batch);
+    let mut events = vec![wire::Event::UNSET; batch];
     let mut other = vec![0u8; evict_kib * 1024];
     let mut pass = |table: &mut AppTable| {
         let mut tally = Tally::default();
