@@ -300,9 +300,9 @@ impl AppTable {
         }
     }
 
-    /// `app`'s hash and the shard that holds it.
-    #[inline]
-    fn locate(&self, app: &AppKey) -> (u64, usize) {
+    /// `app`'s hash and the shard that holds it, for [`apply_located`](AppTable::apply_located).
+    #[inline(always)]
+    pub fn locate(&self, app: &AppKey) -> (u64, usize) {
         let hash = self.hasher.hash(app);
         (hash, self.hasher.shard(hash))
     }
@@ -311,8 +311,16 @@ impl AppTable {
     /// save and restore six registers for every event.
     #[inline(always)]
     pub fn apply(&mut self, event: Event) -> Applied {
+        let at = self.locate(&event.app);
+        self.apply_located(event, at)
+    }
+
+    /// [`apply`](AppTable::apply), with the app already located: a worker hashes a run of
+    /// events first, then applies them, so that the hashes of several events are computed
+    /// side by side instead of each one at the head of its own chain of loads.
+    #[inline(always)]
+    pub fn apply_located(&mut self, event: Event, (hash, index): (u64, usize)) -> Applied {
         let max_ips = self.limits.max_ips_per_app;
-        let (hash, index) = self.locate(&event.app);
         let hasher = &self.hasher;
         let shard = &mut self.shards[index];
         if let Some(entry) = shard.find_mut(hash, |e| e.app == event.app) {
