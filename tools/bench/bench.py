@@ -25,7 +25,10 @@ What it measures, in order:
    time from SIGCONT until /metrics counts all N gives events/s with no sender in the way.
    Server and discard, one worker and one per core, each steering mode. Then `microbench`
    (also with `--capacity-only`): the worker's own parse + apply per datagram without the
-   kernel, for the reference mix and many apps, and the hex decode and hash alone.
+   kernel, for the reference mix and many apps, and the hex decode and hash alone. Then
+   (also with `--capacity-only`, or alone with `--profile-only`; needs `perf`) the worker's
+   user-space time per datagram in the real server, from `perf record` of one worker
+   draining queued datagrams (`perf_profile.py`).
 2. Lossless paced rate: the highest `--rate` at which at least 99.99% of the datagrams arrive,
    found by doubling from 100k/s and then bisecting; every trial goes into loss.svg.
 3. Query latency while 100,000 apps are being written at half the lossless rate.
@@ -59,6 +62,7 @@ from pathlib import Path
 sys.dont_write_bytecode = True
 
 import cluster  # noqa: E402 (after the line above on purpose)
+import perf_profile  # noqa: E402
 import report as fmt  # noqa: E402
 import scale  # noqa: E402
 import sections  # noqa: E402
@@ -208,6 +212,8 @@ def parse_args(argv):
                              "--server-flag=--batch=256 (repeatable), for tuning runs")
     parser.add_argument("--capacity-only", action="store_true",
                         help="run step 1 (receiver capacity) only")
+    parser.add_argument("--profile-only", action="store_true",
+                        help="run step 1c (the worker's user-space time, from perf) only")
     parser.add_argument("--cluster-only", action="store_true",
                         help="run step 6 (cluster mode) only")
     parser.add_argument("--memory-only", type=int, default=None, metavar="RATE",
@@ -235,6 +241,7 @@ class Results:
 
     capacity: dict
     micro: tuple
+    profile: list
     searches: dict
     server_rate: float
     threads: int
@@ -250,6 +257,7 @@ def run_steps(bench):
     log("step 1/7: receiver capacity")
     capacity = steps.step_capacity(bench)
     micro = steps.step_micro(bench)
+    profile = perf_profile.step_profile(bench)
     log("step 2/7: lossless paced rate")
     searches = steps.step_lossless(bench)
     plotter = write_loss_plot(
@@ -276,14 +284,15 @@ def run_steps(bench):
     clustered = cluster.step_cluster(bench)
     log("step 7/7: one node at full scale")
     scaled = scale.step_scale(bench, memory=(memory, server_rate))
-    return Results(capacity, micro, searches, server_rate, threads, plotter, queries, memory,
-                   reference, clustered, scaled)
+    return Results(capacity, micro, profile, searches, server_rate, threads, plotter, queries,
+                   memory, reference, clustered, scaled)
 
 
 def report_sections(bench, results):
     return [
         sections.capacity_section(bench, results.capacity) + sections.notes(bench, "capacity"),
         sections.micro_section(bench, results.micro),
+        perf_profile.profile_section(bench, results.profile) + sections.notes(bench, "profile"),
         sections.lossless_section(bench, results.searches, results.plotter),
         sections.queries_section(bench, results.queries, results.server_rate, results.threads)
         + sections.notes(bench, "queries"),
@@ -329,7 +338,13 @@ def main(argv):
         capacity = steps.step_capacity(bench)
         section = sections.capacity_section(bench, capacity) + sections.notes(bench, "capacity")
         micro = sections.micro_section(bench, steps.step_micro(bench))
-        text = write_report(bench, command, started, [section, micro])
+        profiled = (perf_profile.profile_section(bench, perf_profile.step_profile(bench))
+                    + sections.notes(bench, "profile"))
+        text = write_report(bench, command, started, [section, micro, profiled])
+    elif args.profile_only:
+        profiled = (perf_profile.profile_section(bench, perf_profile.step_profile(bench))
+                    + sections.notes(bench, "profile"))
+        text = write_report(bench, command, started, [profiled])
     else:
         results = run_steps(bench)
         text = write_report(bench, command, started, report_sections(bench, results))

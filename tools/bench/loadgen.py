@@ -5,6 +5,7 @@ measured on a server that answers wrongly are worthless.
 """
 
 import json
+import os
 import subprocess
 
 from receiver import BenchError
@@ -23,9 +24,10 @@ class Loadgen:
         self.seed = seed
         self.log_path = log_path
 
-    def run(self, receiver, *flags, bound_s):
+    def run(self, receiver, *flags, bound_s, cpus=None):
         """Runs loadgen against `receiver` with `flags`; `bound_s` is how long it is expected
-        to send, which bounds how long it may take in all."""
+        to send, which bounds how long it may take in all. `cpus`, when given, is the set of
+        CPUs loadgen may run on."""
         argv = [
             self.binary,
             "--udp",
@@ -48,6 +50,7 @@ class Loadgen:
                     stdin=subprocess.DEVNULL,
                     timeout=bound_s + GRACE_S,
                     check=False,
+                    preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
                 )
             except subprocess.TimeoutExpired as timeout:
                 raise BenchError(f"loadgen took longer than {timeout.timeout:.0f} s: {argv}")

@@ -6,7 +6,12 @@ Run them with `PYTHONDONTWRITEBYTECODE=1 python3 -m unittest discover -s tools/b
 import unittest
 import xml.etree.ElementTree as ElementTree
 
+import os
+import threading
+import time
+
 import cluster
+import perf_profile
 import report
 import scale
 import steps
@@ -291,6 +296,71 @@ class ScaleFigures(unittest.TestCase):
                        "21.5 B | no |",
                        "default (random)", "1 (the base)"):
             self.assertIn(wanted, text)
+
+
+# `perf report --stdio --no-children -n` by dso, then by symbol, as perf 6 prints them.
+PERF_BY_DSO = """\
+# Samples: 30K of event 'cpu-clock:ppp'
+# Overhead       Samples  Shared Object
+# ........  ............  .................
+#
+    96.58%         29545  [kernel.kallsyms]
+     3.05%           932  ipevents
+     0.27%            82  libc.so.6
+     0.10%            31  [vdso]
+"""
+PERF_BY_SYMBOL = """\
+# Overhead       Samples  Symbol
+    40.00%         12236  [k] _copy_to_iter
+     2.30%           704  [.] ipevents::worker::Worker::receive_batch
+     0.55%           168  [.] hex_simd::multiversion::decode::avx2
+     0.10%            31  [.] __vdso_clock_gettime
+"""
+
+
+class PerfProfile(unittest.TestCase):
+    def test_user_share_counts_every_dso_outside_the_kernel(self):
+        rows = perf_profile.parse_report_rows(PERF_BY_DSO)
+        self.assertEqual([samples for samples, _ in rows], [29545, 932, 82, 31])
+        self.assertAlmostEqual(perf_profile.user_share(rows), (932 + 82 + 31) / 30590)
+
+    def test_user_symbols_leave_out_the_kernel(self):
+        rows = perf_profile.parse_report_rows(PERF_BY_SYMBOL)
+        symbols = perf_profile.user_symbols(rows, 30590)
+        self.assertEqual([name for _, name in symbols], [
+            "ipevents::worker::Worker::receive_batch",
+            "hex_simd::multiversion::decode::avx2",
+            "__vdso_clock_gettime",
+        ])
+        self.assertAlmostEqual(symbols[0][0], 704 / 30590)
+
+    def test_user_ns_is_the_user_share_of_the_cpu_time(self):
+        profile = perf_profile.Profile(datagrams=6_000_000, cpu_s=6.0, user_share=0.04,
+                                       samples=30000, symbols=[])
+        self.assertAlmostEqual(profile.user_ns, 40.0)
+
+    def test_thread_stat_reads_this_thread(self):
+        # A thread that burns CPU until told to stop, read through /proc like the worker.
+        stop = threading.Event()
+        ids = []
+        def spin():
+            ids.append(threading.get_native_id())
+            while not stop.is_set():
+                pass
+        thread = threading.Thread(target=spin)
+        thread.start()
+        try:
+            while not ids:
+                pass
+            first = perf_profile.thread_stat(os.getpid(), ids[0])
+            deadline = time.monotonic() + 5
+            while perf_profile.thread_stat(os.getpid(), ids[0])["cpu_s"] <= first["cpu_s"]:
+                self.assertLess(time.monotonic(), deadline, "the thread's CPU time never moved")
+                time.sleep(0.01)
+        finally:
+            stop.set()
+            thread.join()
+        self.assertIn(first["cpu"], os.sched_getaffinity(0))
 
 
 class Plot(unittest.TestCase):
