@@ -531,28 +531,36 @@ pub fn apply_batch<'a>(
 
 /// [`DRAIN_LIMIT`] of the worker's own CPU time, measured from when a drain starts; wall-clock
 /// time where the thread's CPU clock cannot be read.
-enum DrainBudget {
-    CpuTime(Duration),
-    WallClock(Instant),
+///
+/// A thread's CPU time grows no faster than the wall clock, so while less than the limit has
+/// passed on the wall clock (vDSO, about 20 ns) less has been spent, and the CPU clock (a
+/// system call, about 540 ns here) is read only once the wall clock has passed the limit: in
+/// a drain that a preempted worker stretched, not once a batch.
+struct DrainBudget {
+    wall_started: Instant,
+    /// The thread's CPU time at the start; `None` when the CPU clock cannot be read.
+    cpu_started: Option<Duration>,
 }
 
 impl DrainBudget {
     fn start() -> DrainBudget {
-        match socket::thread_cpu_time() {
-            Ok(now) => DrainBudget::CpuTime(now),
-            Err(_) => DrainBudget::WallClock(Instant::now()),
+        DrainBudget {
+            cpu_started: socket::thread_cpu_time().ok(),
+            wall_started: Instant::now(),
         }
     }
 
     fn left(&self) -> bool {
-        let spent = match self {
-            DrainBudget::CpuTime(started) => match socket::thread_cpu_time() {
-                Ok(now) => now.saturating_sub(*started),
-                Err(_) => DRAIN_LIMIT,
-            },
-            DrainBudget::WallClock(started) => started.elapsed(),
+        if self.wall_started.elapsed() < DRAIN_LIMIT {
+            return true;
+        }
+        let Some(started) = self.cpu_started else {
+            return false;
         };
-        spent < DRAIN_LIMIT
+        match socket::thread_cpu_time() {
+            Ok(now) => now.saturating_sub(started) < DRAIN_LIMIT,
+            Err(_) => false,
+        }
     }
 }
 
@@ -566,6 +574,42 @@ mod tests {
     use crate::store::{AppBudget, Limits};
     use crate::wire::AppKey;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn a_drain_budget_counts_cpu_time_once_the_wall_clock_passes_the_limit() {
+        let long_ago = Instant::now()
+            .checked_sub(2 * DRAIN_LIMIT)
+            .expect("the clock is past twice the limit");
+        // This thread spends the limit in CPU time first, as a flooded worker would.
+        let deadline = Instant::now() + 50 * DRAIN_LIMIT;
+        let cpu_now = loop {
+            let now = socket::thread_cpu_time().expect("Linux has a thread CPU clock");
+            if now >= DRAIN_LIMIT || Instant::now() > deadline {
+                break now;
+            }
+        };
+        assert!(
+            cpu_now >= DRAIN_LIMIT,
+            "the thread never spent {DRAIN_LIMIT:?}"
+        );
+        // (wall-clock start, CPU-time start, whether budget is left)
+        let cases = [
+            (Instant::now(), Some(cpu_now), true),
+            (Instant::now(), None, true),
+            // Preempted: the wall clock passed the limit, the thread's CPU time did not.
+            (long_ago, Some(cpu_now), true),
+            // Spent: the whole limit in CPU time since the start.
+            (long_ago, Some(Duration::ZERO), false),
+            (long_ago, None, false),
+        ];
+        for (wall_started, cpu_started, want) in cases {
+            let budget = DrainBudget {
+                wall_started,
+                cpu_started,
+            };
+            assert_eq!(budget.left(), want, "{cpu_started:?}");
+        }
+    }
 
     #[test]
     fn a_batch_applies_exactly_its_valid_datagrams() {
