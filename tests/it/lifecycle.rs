@@ -2,6 +2,7 @@
 //! that must end in one clear line and a non-zero exit.
 
 use std::net::{TcpListener, UdpSocket};
+use std::time::{Duration, Instant};
 
 use crate::support::{self, run_to_exit, send_events, Reference, Server};
 
@@ -46,6 +47,49 @@ fn graceful_shutdown_drains_and_prints_the_histograms() {
         let count: u64 = line.split_whitespace().last().unwrap().parse().unwrap();
         assert!(count >= 1, "{row} histogram is empty: {line}");
     }
+}
+
+/// Seconds from a duration of the shutdown report: `450ns`, `12.3us`, `1.2ms`, `1.20s`.
+fn report_seconds(text: &str) -> f64 {
+    let units = [("ns", 1e-9), ("us", 1e-6), ("ms", 1e-3), ("s", 1.0)];
+    let (digits, scale) = units
+        .iter()
+        .find_map(|&(unit, scale)| text.strip_suffix(unit).map(|digits| (digits, scale)))
+        .unwrap_or_else(|| panic!("no unit in {text:?}"));
+    digits.parse::<f64>().expect("a number") * scale
+}
+
+#[test]
+fn a_queue_held_while_the_server_is_stopped_shows_in_the_ingest_latency() {
+    // The worker samples one batch in several, but always the first after it wakes: the
+    // datagrams that waited 300 ms while it was stopped must show as 300 ms or more.
+    let server = Server::start(&["--workers", "1"]);
+    let reference = Reference::new(5);
+    let wait_for = |events| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while server.metric("ipevents_events_ingested_total") < events {
+            assert!(Instant::now() < deadline, "{events} events never arrived");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // Traffic first, so that the held batch does not come first by chance.
+    send_events(server.udp, &reference.events, 300, 2, 5);
+    wait_for(300);
+    server.signal("STOP");
+    // Fewer than a batch: one batch when the worker wakes.
+    send_events(server.udp, &reference.events, 60, 2, 6);
+    std::thread::sleep(Duration::from_millis(300));
+    server.signal("CONT");
+    wait_for(360);
+    let exit = server.stop();
+    let row = exit
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("ingest"))
+        .unwrap_or_else(|| panic!("no ingest row: {}", exit.stdout));
+    // latency p50 p90 p99 p99.9 max count
+    let max = row.split_whitespace().nth(5).expect("a max column");
+    assert!(report_seconds(max) >= 0.3, "ingest max {max}: {row}");
 }
 
 #[test]
