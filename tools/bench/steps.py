@@ -228,6 +228,7 @@ MICRO_ROWS = (
     ("parse_ns", "parse alone, reference mix"),
     ("hex_decode_ns", "hex decode of a sha (the server's, hex-simd)"),
     ("hex_decode_const_hex_ns", "hex decode of a sha (const-hex)"),
+    ("hex_decode_faster_hex_ns", "hex decode of a sha (faster-hex)"),
     ("hex_decode_hex_crate_ns", "hex decode of a sha (the hex crate)"),
     ("hash_keyed_ns", "hash of a 32-byte key (the table's seeded foldhash)"),
     ("hash_siphash_ns", "hash of a 32-byte key (std's SipHash-1-3)"),

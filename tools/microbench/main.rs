@@ -235,6 +235,15 @@ fn main() -> ExitCode {
         },
         args.runs,
     );
+    let decode_ns_faster_hex = decode_ns(
+        &shas,
+        |digits| {
+            let mut key = [0u8; 32];
+            faster_hex::hex_decode(digits, &mut key).ok()?;
+            Some(AppKey(key))
+        },
+        args.runs,
+    );
     let decode_ns_hex_crate = decode_ns(
         &shas,
         |digits| {
@@ -271,6 +280,11 @@ fn main() -> ExitCode {
             "hex_decode_const_hex_ns",
             decode_ns_const_hex,
             "the same with const-hex".to_owned(),
+        ),
+        (
+            "hex_decode_faster_hex_ns",
+            decode_ns_faster_hex,
+            "the same with faster-hex".to_owned(),
         ),
         (
             "hex_decode_hex_crate_ns",
