@@ -148,7 +148,8 @@ impl Tally {
 #[derive(Clone, Debug)]
 pub struct Latencies {
     /// From the kernel's arrival stamp of a batch's last (newest) datagram to the batch being
-    /// applied; one sample per batch (`socket::last_received_at`).
+    /// applied (`socket::last_received_at`); sampled on the first batch after the worker
+    /// wakes and on every [`INGEST_SAMPLE_EVERY`]th after that.
     pub ingest_ns: Histogram<u64>,
     /// Time to receive and apply one batch.
     pub batch_ns: Histogram<u64>,
