@@ -508,7 +508,7 @@ impl Worker {
 
 /// Events whose apps [`apply_batch`] hashes before it applies them: 16 (hash, shard) pairs,
 /// 256 bytes of stack.
-const LOCATE_AHEAD: usize = 16;
+pub const LOCATE_AHEAD: usize = 16;
 
 /// Parses a batch of datagrams, then applies the valid ones to `table`, counting both in
 /// `tally`; returns how many were valid, which are then the first of `events`. Parsing the
