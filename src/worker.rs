@@ -34,10 +34,12 @@ const WAKER: Token = Token(1);
 /// processes keeps its budget and still reads its whole queue.
 pub const DRAIN_LIMIT: Duration = Duration::from_millis(200);
 
-/// A worker samples the ingest latency on the first batch after it wakes and on every this
-/// many batches after that: each sample is an `ioctl` (about 260 ns here), which once a batch
-/// cost 4 ns a datagram.
-pub const INGEST_SAMPLE_EVERY: u32 = 8;
+/// A worker samples the ingest latency on a batch that starts at least this long after its
+/// last sample: each sample is an `ioctl` (about 260 ns here), which once a batch cost 4 ns a
+/// datagram. A worker at full speed then samples about one batch in ten; and whenever it was
+/// away from its socket this long (asleep, answering a command, preempted or stopped), the
+/// first batch after is sampled, so a queue held that long always shows.
+pub const INGEST_SAMPLE_INTERVAL: Duration = Duration::from_micros(500);
 
 /// A request to a worker. Each carries the sender its answer goes back on.
 pub enum Command {
@@ -148,8 +150,8 @@ impl Tally {
 #[derive(Clone, Debug)]
 pub struct Latencies {
     /// From the kernel's arrival stamp of a batch's last (newest) datagram to the batch being
-    /// applied (`socket::last_received_at`); sampled on the first batch after the worker
-    /// wakes and on every [`INGEST_SAMPLE_EVERY`]th after that.
+    /// applied (`socket::last_received_at`); sampled on a batch that starts at least
+    /// [`INGEST_SAMPLE_INTERVAL`] after the last sample.
     pub ingest_ns: Histogram<u64>,
     /// Time to receive and apply one batch.
     pub batch_ns: Histogram<u64>,
@@ -254,8 +256,8 @@ pub struct Worker {
     counters: Arc<Counters>,
     latencies: Latencies,
     readable: bool,
-    /// Batches with datagrams until the next ingest-latency sample; 0 samples the next one.
-    ingest_sample_in: u32,
+    /// When the last batch whose ingest latency was sampled started; `None` before the first.
+    ingest_sampled_at: Option<Instant>,
     recv_error_log: LogLimit,
     snapshot: Option<SnapshotJob>,
     /// The sample of the traffic that adaptive steering asks for; none for the other modes,
@@ -290,7 +292,7 @@ impl Worker {
             counters: counters.clone(),
             latencies: Latencies::new(),
             readable: true,
-            ingest_sample_in: 0,
+            ingest_sampled_at: None,
             recv_error_log: LogLimit::every(Duration::from_secs(60)),
             snapshot: None,
             sampler: None,
@@ -351,8 +353,6 @@ impl Worker {
             }
             if events.iter().any(|event| event.token() == UDP) {
                 self.readable = true;
-                // What queued while the worker slept is sampled at once.
-                self.ingest_sample_in = 0;
             }
         }
     }
@@ -440,7 +440,6 @@ impl Worker {
     fn drain(&mut self) {
         let budget = DrainBudget::start();
         self.readable = true;
-        self.ingest_sample_in = 0;
         while self.readable && budget.left() {
             self.receive_batch();
         }
@@ -479,8 +478,11 @@ impl Worker {
         }
         tally.publish(&self.counters);
         if received > 0 {
-            if self.ingest_sample_in == 0 {
-                self.ingest_sample_in = INGEST_SAMPLE_EVERY - 1;
+            let due = self
+                .ingest_sampled_at
+                .is_none_or(|at| started.duration_since(at) >= INGEST_SAMPLE_INTERVAL);
+            if due {
+                self.ingest_sampled_at = Some(started);
                 // The arrival of the batch's last (newest) datagram; an error here only costs
                 // the sample.
                 if let Ok(Some(received_at)) = socket::last_received_at(&self.socket) {
@@ -489,8 +491,6 @@ impl Worker {
                         .unwrap_or_default();
                     self.latencies.ingest_ns.saturating_record(as_nanos(waited));
                 }
-            } else {
-                self.ingest_sample_in -= 1;
             }
             self.latencies
                 .batch_ns

@@ -59,10 +59,30 @@ fn report_seconds(text: &str) -> f64 {
     digits.parse::<f64>().expect("a number") * scale
 }
 
+/// Waits until every thread of `pid` is stopped: SIGSTOP takes effect asynchronously.
+fn wait_until_stopped(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the server's tasks");
+        let stopped = tasks.flatten().all(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T'))
+        });
+        if stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the server did not stop");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 #[test]
 fn a_queue_held_while_the_server_is_stopped_shows_in_the_ingest_latency() {
-    // The worker samples one batch in several, but always the first after it wakes: the
-    // datagrams that waited 300 ms while it was stopped must show as 300 ms or more.
+    // The worker samples only a batch that starts long enough after its last sample, which
+    // the first batch after a 300 ms stop always does: its datagrams must show as 300 ms or
+    // more.
     let server = Server::start(&["--workers", "1"]);
     let reference = Reference::new(5);
     let wait_for = |events| {
@@ -76,6 +96,7 @@ fn a_queue_held_while_the_server_is_stopped_shows_in_the_ingest_latency() {
     send_events(server.udp, &reference.events, 300, 2, 5);
     wait_for(300);
     server.signal("STOP");
+    wait_until_stopped(server.pid());
     // Fewer than a batch: one batch when the worker wakes.
     send_events(server.udp, &reference.events, 60, 2, 6);
     std::thread::sleep(Duration::from_millis(300));
