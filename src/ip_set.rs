@@ -29,6 +29,12 @@ impl Slot {
         self.events == 0
     }
 
+    /// A slot holding `ip` with `events`; `None` when the count does not fit in a `u32`.
+    fn holding(ip: u32, events: u64) -> Option<Slot> {
+        let events = u32::try_from(events).ok()?;
+        Some(Slot { ip, events })
+    }
+
     /// Adds `events`; false, changing nothing, when the count would pass `u32::MAX`.
     fn add(&mut self, events: u64) -> bool {
         match u32::try_from(u64::from(self.events) + events) {
@@ -77,8 +83,7 @@ enum Grow {
 impl IpSet {
     /// A set of one IP with `events` events.
     pub fn new(ip: u32, events: u64) -> IpSet {
-        let mut one = Slot { ip, events: 0 };
-        if one.add(events) {
+        if let Some(one) = Slot::holding(ip, events) {
             return IpSet::One(one);
         }
         let mut map = HashMap::with_hasher(KeyedHash::new());
@@ -219,10 +224,7 @@ impl IpSet {
                         hashed_find(array, ip)
                     };
                     let index = found.expect_err("the IPs of a set are distinct");
-                    array[index] = Slot {
-                        ip,
-                        events: u32::try_from(events).expect("an array's counts fit in u32"),
-                    };
+                    array[index] = Slot::holding(ip, events).expect("an array's counts fit in u32");
                 }
                 grown
             }
@@ -295,11 +297,7 @@ fn insert_flat(
     if index == slots.len() {
         return Err(Grow::To(slots.len() * 2));
     }
-    let mut slot = Slot { ip, events: 0 };
-    if !slot.add(events) {
-        return Err(Grow::Wide);
-    }
-    slots[index] = slot;
+    slots[index] = Slot::holding(ip, events).ok_or(Grow::Wide)?;
     Ok(true)
 }
 
@@ -328,10 +326,7 @@ fn insert_hashed(
     if len >= max_ips {
         return Ok(false);
     }
-    let mut slot = Slot { ip, events: 0 };
-    if !slot.add(events) {
-        return Err(Grow::Wide);
-    }
+    let slot = Slot::holding(ip, events).ok_or(Grow::Wide)?;
     if (len + 1) * 4 <= slots.len() * 3 {
         slots[index] = slot;
         Ok(true)
