@@ -307,9 +307,8 @@ impl AppTable {
         (hash, self.hasher.shard(hash))
     }
 
-    /// Counts one event. Always inlined: it is the worker's inner loop, and a call would
-    /// save and restore six registers for every event.
-    #[inline(always)]
+    /// Counts one event.
+    #[inline]
     pub fn apply(&mut self, event: Event) -> Applied {
         let at = self.locate(&event.app);
         self.apply_located(event, at)
@@ -317,7 +316,9 @@ impl AppTable {
 
     /// [`apply`](AppTable::apply), with the app already located: a worker hashes a run of
     /// events first, then applies them, so that the hashes of several events are computed
-    /// side by side instead of each one at the head of its own chain of loads.
+    /// side by side instead of each one at the head of its own chain of loads. Always
+    /// inlined: it is the worker's inner loop, and a call would save and restore six
+    /// registers for every event.
     #[inline(always)]
     pub fn apply_located(&mut self, event: Event, (hash, index): (u64, usize)) -> Applied {
         let max_ips = self.limits.max_ips_per_app;
