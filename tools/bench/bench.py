@@ -28,7 +28,9 @@ What it measures, in order:
    kernel, for the reference mix and many apps, and the hex decode and hash alone. Then
    (also with `--capacity-only`, or alone with `--profile-only`; needs `perf`) the worker's
    user-space time per datagram in the real server, from `perf record` of one worker
-   draining queued datagrams (`perf_profile.py`).
+   draining queued datagrams, and the same profile of discard's worker, to show part by part
+   (user space, copy, skb frees, UDP queue, the recvmmsg call) where the server's time per
+   datagram differs from the kernel's own limit (`perf_profile.py`).
 2. Lossless paced rate: the highest `--rate` at which at least 99.99% of the datagrams arrive,
    found by doubling from 100k/s and then bisecting; every trial goes into loss.svg.
 3. Query latency while 100,000 apps are being written at half the lossless rate.
@@ -211,9 +213,10 @@ def parse_args(argv):
                         help="an extra flag for every ipevents started, e.g. "
                              "--server-flag=--batch=256 (repeatable), for tuning runs")
     parser.add_argument("--capacity-only", action="store_true",
-                        help="run step 1 (receiver capacity) only")
+                        help="run step 1 (receiver capacity, then 1b and 1c) only")
     parser.add_argument("--profile-only", action="store_true",
-                        help="run step 1c (the worker's user-space time, from perf) only")
+                        help="run step 1c (the worker's user-space time, and the server's "
+                             "time per datagram against discard's, from perf) only")
     parser.add_argument("--cluster-only", action="store_true",
                         help="run step 6 (cluster mode) only")
     parser.add_argument("--memory-only", type=int, default=None, metavar="RATE",

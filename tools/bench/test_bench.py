@@ -338,6 +338,55 @@ class PerfProfile(unittest.TestCase):
         profile = perf_profile.Profile(datagrams=6_000_000, cpu_s=6.0, user_share=0.04,
                                        samples=30000, symbols=[])
         self.assertAlmostEqual(profile.user_ns, 40.0)
+        self.assertAlmostEqual(profile.total_ns, 1000.0)
+
+    def test_kernel_symbols_fall_into_their_parts(self):
+        copy, free, queue, call = (part for part, _ in perf_profile.KERNEL_PARTS)
+        for symbol, want in [
+            ("_copy_to_iter", copy),
+            ("__check_heap_object", copy),
+            ("skb_release_data", free),
+            ("slab_update_freelist.isra.0", free),
+            ("native_write_msr", free),
+            ("kfree", free),
+            ("udp_recvmsg", queue),
+            ("udp_rmem_release", queue),
+            ("_raw_spin_unlock_bh", queue),
+            ("___sys_recvmsg", call),
+            ("____sys_recvmsg", call),
+            ("__x64_sys_recvmmsg", call),
+            ("__import_iovec", call),
+            ("__put_user_nocheck_4", call),
+            ("srso_alias_return_thunk", call),
+            ("_raw_spin_unlock_irqrestore", perf_profile.OTHER_KERNEL),
+            ("ktime_get", perf_profile.OTHER_KERNEL),
+        ]:
+            self.assertEqual(perf_profile.kernel_part(symbol), want, symbol)
+
+    def test_part_shares_split_every_sample(self):
+        rows = perf_profile.parse_report_rows(PERF_BY_SYMBOL + "     0.50%   150  [k] ktime_get\n")
+        shares = perf_profile.part_shares(rows)
+        total = 12236 + 704 + 168 + 31 + 150
+        self.assertAlmostEqual(shares[perf_profile.USER_SPACE], (704 + 168 + 31) / total)
+        self.assertAlmostEqual(shares[perf_profile.KERNEL_PARTS[0][0]], 12236 / total)
+        self.assertAlmostEqual(shares[perf_profile.OTHER_KERNEL], 150 / total)
+        self.assertAlmostEqual(sum(shares.values()), 1.0)
+
+    def test_gap_rows_compare_the_runs_pairwise(self):
+        def profile(cpu_s, user_share):
+            parts = {perf_profile.USER_SPACE: user_share, "kernel": 1 - user_share}
+            return perf_profile.Profile(datagrams=1_000_000, cpu_s=cpu_s, user_share=user_share,
+                                        samples=1000, symbols=[], parts=parts)
+        profiles = {
+            "ipevents": [profile(1.0, 0.04), profile(0.8, 0.05), profile(0.9, 0.04)],
+            "discard": [profile(0.9, 0.01), profile(0.8, 0.01), profile(0.8, 0.01)],
+        }
+        rows = {row[0]: row[1:] for row in perf_profile.gap_rows(profiles)}
+        self.assertEqual(rows[perf_profile.USER_SPACE],
+                         ["40.0 [36.0–40.0]", "8.0 [8.0–9.0]", "+31.0 [+28.0–+32.0]"])
+        # Differences 100, 0 and 100 ns: the median of the pairs, not the medians' gap.
+        self.assertEqual(rows["total"],
+                         ["900.0 [800.0–1000.0]", "800.0 [800.0–900.0]", "+100.0 [+0.0–+100.0]"])
 
     def test_thread_stat_reads_this_thread(self):
         # A thread that burns CPU until told to stop, read through /proc like the worker.
