@@ -43,8 +43,8 @@ WORKER_THREADS = {"ipevents": "worker-0", "discard": "discard-0"}
 RECEIVERS = ("ipevents", "discard")
 
 # The parts of the kernel's receive path a datagram's time is split into, each with the
-# symbols (exact names, or prefixes ending in `*`) of Linux 6 that it is made of. A symbol
-# of none of them counts as "other kernel".
+# symbols of Linux 6 that it is made of (names, or `fnmatch` patterns). A symbol of none of
+# them, such as a spinlock's unlock that any of them may call, counts as "other kernel".
 KERNEL_PARTS = (
     ("copy to the worker's buffer", (
         "_copy_to_iter", "__check_object_size", "__check_heap_object", "__virt_addr_valid",
@@ -55,7 +55,7 @@ KERNEL_PARTS = (
         "skb_attempt_defer_free", "native_write_msr", "x2apic_*", "smp_call_function*",
         "generic_exec_single", "*free_frozen_page*", "free_unref_*", "put_cpu_partial",
         "__put_partials", "build_detached_freelist", "__get_pfnblock_flags_mask*",
-        "mod_node_page_state", "__free_pages*", "__raw_callee_save___pv_queued_spin_unlock")),
+        "mod_node_page_state", "__free_pages*")),
     ("the UDP receive queue", (
         "udp_*", "__udp*", "__skb_recv_udp", "__skb_try_recv_from_queue", "skb_consume_udp",
         "_raw_spin_lock_bh", "_raw_spin_unlock_bh", "__local_bh_enable_ip", "inet_recvmsg",

@@ -359,6 +359,7 @@ class PerfProfile(unittest.TestCase):
             ("__put_user_nocheck_4", call),
             ("srso_alias_return_thunk", call),
             ("_raw_spin_unlock_irqrestore", perf_profile.OTHER_KERNEL),
+            ("__raw_callee_save___pv_queued_spin_unlock", perf_profile.OTHER_KERNEL),
             ("ktime_get", perf_profile.OTHER_KERNEL),
         ]:
             self.assertEqual(perf_profile.kernel_part(symbol), want, symbol)
