@@ -1,11 +1,13 @@
 """Step 1c: the worker's own user-space time per datagram, from a perf profile of the real
 server draining its socket (`bench.py --profile-only`, and part of the full run when `perf`
-is installed).
+is installed), and where a datagram's time goes against the discard receiver's.
 
-One server with one worker. Each of DRAINS rounds stops it, queues DATAGRAMS reference
-datagrams in its socket, resumes it and waits until the worker is idle again, while `perf
-record` samples the worker thread alone. The figure is the share of samples outside the
-kernel times the thread's CPU time (utime + stime from /proc), over the datagrams drained.
+One receiver with one worker, the server then discard in each run. Each of DRAINS rounds
+stops it, queues DATAGRAMS reference datagrams in its socket, resumes it and waits until the
+worker is idle again, while `perf record` samples the worker thread alone. The figure is the
+share of samples outside the kernel times the thread's CPU time (utime + stime from /proc),
+over the datagrams drained; the samples of each part of KERNEL_PARTS count the same way, so
+that the two receivers' costs can be compared part by part.
 
 The rest of the machine is kept quiet, since on a virtual machine whose cores share a
 physical one, work on the other core slows the worker's user-space code (README,
