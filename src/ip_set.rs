@@ -159,10 +159,12 @@ impl IpSet {
             }
             return self.add_unarrayed(ip, events, max_ips);
         };
-        let added = if slots.len() <= FLAT_SLOTS_MAX {
-            add_flat(slots, ip, events, max_ips)
-        } else {
-            add_hashed(slots, ip, events, max_ips)
+        // The search and the count are inline, in the worker's loop; a new IP is added out
+        // of line.
+        let added = match find(slots, ip) {
+            Ok(index) if slots[index].add(events) => Ok(true),
+            Ok(_) => Err(Grow::Wide),
+            Err(index) => insert(slots, index, ip, events, max_ips),
         };
         match added {
             Ok(stored) => stored,
@@ -218,12 +220,7 @@ impl IpSet {
                 let mut grown = IpSet::with_capacity(slots);
                 let array = grown.array_mut().expect("an array layout");
                 for (ip, events) in old.iter_pairs() {
-                    let found = if slots <= FLAT_SLOTS_MAX {
-                        flat_find(array, ip)
-                    } else {
-                        hashed_find(array, ip)
-                    };
-                    let index = found.expect_err("the IPs of a set are distinct");
+                    let index = find(array, ip).expect_err("the IPs of a set are distinct");
                     array[index] = Slot::holding(ip, events).expect("an array's counts fit in u32");
                 }
                 grown
@@ -270,19 +267,35 @@ fn taken(slots: &[Slot]) -> usize {
     slots.iter().filter(|slot| !slot.is_free()).count()
 }
 
-/// Adds to a flat array: `Ok(stored)`, or the layout the set must move to first. The search
-/// and the count are inline, in the worker's loop; a new IP is added out of line.
+/// The slot holding `ip` in an array, or the free slot where it would go, searched as the
+/// array's length says it is laid out: flat up to [`FLAT_SLOTS_MAX`], open-addressed beyond.
 #[inline(always)]
-fn add_flat(slots: &mut [Slot], ip: u32, events: u64, max_ips: usize) -> Result<bool, Grow> {
-    match flat_find(slots, ip) {
-        Ok(index) if slots[index].add(events) => Ok(true),
-        Ok(_) => Err(Grow::Wide),
-        Err(index) => insert_flat(slots, index, ip, events, max_ips),
+fn find(slots: &[Slot], ip: u32) -> Result<usize, usize> {
+    if slots.len() <= FLAT_SLOTS_MAX {
+        flat_find(slots, ip)
+    } else {
+        hashed_find(slots, ip)
+    }
+}
+
+/// Puts the new `ip` in the free slot `index` that [`find`] gave: `Ok(stored)`, or the layout
+/// the set must move to first.
+#[inline(never)]
+fn insert(
+    slots: &mut [Slot],
+    index: usize,
+    ip: u32,
+    events: u64,
+    max_ips: usize,
+) -> Result<bool, Grow> {
+    if slots.len() <= FLAT_SLOTS_MAX {
+        insert_flat(slots, index, ip, events, max_ips)
+    } else {
+        insert_hashed(slots, index, ip, events, max_ips)
     }
 }
 
 /// Puts the new `ip` in the free slot `index` of a flat array (its length when it is full).
-#[inline(never)]
 fn insert_flat(
     slots: &mut [Slot],
     index: usize,
@@ -301,20 +314,8 @@ fn insert_flat(
     Ok(true)
 }
 
-/// Adds to an open-addressed array, kept at most three quarters full; inline as
-/// [`add_flat`] is.
-#[inline(always)]
-fn add_hashed(slots: &mut [Slot], ip: u32, events: u64, max_ips: usize) -> Result<bool, Grow> {
-    match hashed_find(slots, ip) {
-        Ok(index) if slots[index].add(events) => Ok(true),
-        Ok(_) => Err(Grow::Wide),
-        Err(index) => insert_hashed(slots, index, ip, events, max_ips),
-    }
-}
-
-/// Puts the new `ip` in the free slot `index` of an open-addressed array, or says where the
-/// set must grow to.
-#[inline(never)]
+/// Puts the new `ip` in the free slot `index` of an open-addressed array, kept at most three
+/// quarters full, or says where the set must grow to.
 fn insert_hashed(
     slots: &mut [Slot],
     index: usize,
