@@ -244,7 +244,7 @@ class Results:
 
     capacity: dict
     micro: tuple
-    profile: list
+    profile: dict
     searches: dict
     server_rate: float
     threads: int

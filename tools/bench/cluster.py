@@ -11,7 +11,6 @@ stops every redis-server by its PID when done, and measures:
 - query latency through the store while the node takes writes.
 """
 
-import os
 import shutil
 import signal
 import socket
@@ -20,7 +19,7 @@ import tempfile
 import time
 
 import report as fmt
-from receiver import BenchError, samples, terminate, track
+from receiver import BenchError, proc_stat, samples, stat_cpu_s, terminate, thread_named, track
 from steps import CAPACITY_RCVBUF_BYTES, LOADGEN_MAX_S, capacity_row, log
 
 REDIS_START_TIMEOUT_S = 20
@@ -103,7 +102,7 @@ class RedisCluster:
 
     def cpu_s(self):
         """CPU time of all the redis-servers so far, in seconds."""
-        return sum(_process_cpu_s(process.pid) for process in self.processes)
+        return sum(stat_cpu_s(proc_stat(process.pid)) for process in self.processes)
 
     def used_memory_bytes(self):
         total = 0
@@ -118,24 +117,10 @@ class RedisCluster:
             _cli(port, "FLUSHALL")
 
 
-def _process_cpu_s(pid, thread=None):
-    """User plus system CPU of a process (or one of its threads), in seconds."""
-    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
-    with open(path, encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def flusher_cpu_s(pid):
     """CPU of the node's flusher thread, found by its name."""
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/comm", encoding="ascii") as comm:
-                if comm.read().strip() == "flusher":
-                    return _process_cpu_s(pid, task)
-        except FileNotFoundError:
-            continue
-    return 0.0
+    thread = thread_named(pid, "flusher")
+    return 0.0 if thread is None else stat_cpu_s(proc_stat(pid, thread))
 
 
 def store_totals(receiver):

@@ -21,14 +21,13 @@ Performance):
 """
 
 import fnmatch
-import os
 import shutil
 import subprocess
 import time
 from dataclasses import dataclass
 
 import report as fmt
-from receiver import CLOCK_TICKS_PER_S, BenchError
+from receiver import BenchError, proc_stat, stat_cpu_s, thread_named
 from steps import CAPACITY_RCVBUF_BYTES, log
 
 DRAINS = 6
@@ -169,27 +168,19 @@ def profile_run(bench, data_path, kind="ipevents"):
                    symbols=user_symbols(by_symbol, samples), parts=part_shares(by_symbol))
 
 
-def worker_thread(pid, name="worker-0"):
+def worker_thread(pid, name):
     """The thread id of the receiver's thread called `name`."""
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/comm", encoding="utf-8") as comm:
-                if comm.read().strip() == name:
-                    return int(task)
-        except FileNotFoundError:
-            continue
-    raise BenchError(f"profile: the receiver has no {name} thread")
+    thread = thread_named(pid, name)
+    if thread is None:
+        raise BenchError(f"profile: the receiver has no {name} thread")
+    return thread
 
 
 def thread_stat(pid, tid):
-    """The thread's CPU time (utime + stime, seconds) and the CPU it last ran on."""
-    with open(f"/proc/{pid}/task/{tid}/stat", encoding="utf-8") as stat:
-        # The fields after the command name, which is in parentheses and may hold spaces.
-        fields = stat.read().rsplit(")", 1)[1].split()
-    # utime and stime are fields 14 and 15 of stat(5), the CPU is field 39; `fields` starts
-    # at field 3.
-    return {"cpu_s": (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S,
-            "cpu": int(fields[36])}
+    """The thread's CPU time (utime + stime, seconds) and the CPU it last ran on (field 39 of
+    stat(5))."""
+    fields = proc_stat(pid, tid)
+    return {"cpu_s": stat_cpu_s(fields), "cpu": int(fields[36])}
 
 
 def wait_until_idle(pid, tid):

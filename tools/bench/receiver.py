@@ -163,6 +163,32 @@ def parse_report_row(lines, row):
     return None
 
 
+def proc_stat(pid, thread=None):
+    """The fields of /proc/PID/stat, or of one of its threads', after the command name (which
+    is in parentheses and may hold spaces): field N of stat(5) is at index N - 3."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    with open(path, encoding="utf-8") as stat:
+        return stat.read().rsplit(")", 1)[1].split()
+
+
+def stat_cpu_s(fields):
+    """User plus system CPU time in seconds (utime and stime, fields 14 and 15 of stat(5))
+    from `proc_stat`'s fields."""
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+
+
+def thread_named(pid, name):
+    """The id of a thread of `pid` called `name`, or None."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/comm", encoding="utf-8") as comm:
+                if comm.read().strip() == name:
+                    return int(task)
+        except FileNotFoundError:
+            continue
+    return None
+
+
 def parse_proc_net_udp(text, port):
     """Sums the receive queues (bytes the kernel charged) and drop counters of every socket
     bound to `port`, from /proc/net/udp text."""
@@ -356,12 +382,9 @@ class Receiver:
 
     def _thread_states(self):
         states = []
-        task_dir = f"/proc/{self.pid}/task"
-        for task in os.listdir(task_dir):
+        for task in os.listdir(f"/proc/{self.pid}/task"):
             try:
-                with open(f"{task_dir}/{task}/stat", encoding="ascii") as stat:
-                    # The state follows the command name, which is in parentheses.
-                    states.append(stat.read().rsplit(")", 1)[1].split()[0])
+                states.append(proc_stat(self.pid, task)[0])
             except FileNotFoundError:
                 continue
         return states
@@ -380,10 +403,7 @@ class Receiver:
 
     def cpu_s(self):
         """User plus system CPU time of the whole process so far, in seconds."""
-        with open(f"/proc/{self.pid}/stat", encoding="ascii") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        # utime and stime are fields 14 and 15 of stat(5), 12 and 13 after the name.
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+        return stat_cpu_s(proc_stat(self.pid))
 
 
 def terminate(process):
