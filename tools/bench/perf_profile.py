@@ -39,8 +39,9 @@ IDLE_POLLS = 3
 DRAIN_DEADLINE_S = 60
 # The user-space symbols the report lists.
 TOP_SYMBOLS = 8
-# Each receiver's worker thread, by name.
+# Each receiver's worker thread, by name, and how long it may take to show that name.
 WORKER_THREADS = {"ipevents": "worker-0", "discard": "discard-0"}
+THREAD_NAME_WAIT_S = 5
 RECEIVERS = ("ipevents", "discard")
 
 # The parts of the kernel's receive path a datagram's time is split into, each with the
@@ -169,10 +170,14 @@ def profile_run(bench, data_path, kind="ipevents"):
 
 
 def worker_thread(pid, name):
-    """The thread id of the receiver's thread called `name`."""
-    thread = thread_named(pid, name)
-    if thread is None:
-        raise BenchError(f"profile: the receiver has no {name} thread")
+    """The thread id of the receiver's thread called `name`. A thread names itself once it
+    runs, which may be after the receiver printed that it listens, so this waits up to
+    THREAD_NAME_WAIT_S for the name."""
+    deadline = time.monotonic() + THREAD_NAME_WAIT_S
+    while (thread := thread_named(pid, name)) is None:
+        if time.monotonic() > deadline:
+            raise BenchError(f"profile: the receiver has no {name} thread")
+        time.sleep(0.01)
     return thread
 
 

@@ -389,6 +389,36 @@ class PerfProfile(unittest.TestCase):
         self.assertEqual(rows["total"],
                          ["900.0 [800.0–1000.0]", "800.0 [800.0–900.0]", "+100.0 [+0.0–+100.0]"])
 
+    def test_worker_thread_waits_for_a_thread_to_name_itself(self):
+        # As a receiver's thread does once it runs, which may be after the receiver is up.
+        named, stop = threading.Event(), threading.Event()
+        ids = []
+        def late_namer():
+            ids.append(threading.get_native_id())
+            time.sleep(0.2)
+            with open(f"/proc/self/task/{ids[0]}/comm", "w", encoding="utf-8") as comm:
+                comm.write("late-namer")
+            named.set()
+            stop.wait(10)
+        thread = threading.Thread(target=late_namer)
+        thread.start()
+        try:
+            while not ids:
+                time.sleep(0.001)
+            self.assertFalse(named.is_set())
+            self.assertEqual(perf_profile.worker_thread(os.getpid(), "late-namer"), ids[0])
+        finally:
+            stop.set()
+            thread.join()
+        # A name no thread takes: an error once the wait is over (shortened here).
+        wait_s = perf_profile.THREAD_NAME_WAIT_S
+        perf_profile.THREAD_NAME_WAIT_S = 0.1
+        try:
+            with self.assertRaises(perf_profile.BenchError):
+                perf_profile.worker_thread(os.getpid(), "never-named")
+        finally:
+            perf_profile.THREAD_NAME_WAIT_S = wait_s
+
     def test_thread_stat_reads_this_thread(self):
         # A thread that burns CPU until told to stop, read through /proc like the worker.
         stop = threading.Event()
