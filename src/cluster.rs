@@ -95,7 +95,7 @@ impl Cluster {
 
     /// Every worker's partial answer for `app`, each after draining its socket.
     pub fn partials(&self, app: AppKey) -> Result<Vec<Partial>, Unavailable> {
-        self.ask_all(|reply| Command::Query { app, reply })
+        self.ask_all_drained(|reply| Command::Query { app, reply })
     }
 
     /// Every worker's table, each worker carrying on with an empty one.
@@ -112,7 +112,7 @@ impl Cluster {
     pub fn reset_all(&self) -> Result<(), Unavailable> {
         let _turn = self.budget.reset_turn();
         let (resume, hold) = crossbeam_channel::bounded::<()>(0);
-        let tables = self.ask_all(|reply| Command::ResetAll {
+        let tables = self.ask_all_drained(|reply| Command::ResetAll {
             reply,
             resume: hold.clone(),
         });
@@ -125,7 +125,7 @@ impl Cluster {
 
     /// Forgets one app on every worker.
     pub fn reset_app(&self, app: AppKey) -> Result<(), Unavailable> {
-        self.ask_all(|reply| Command::ResetApp { app, reply })
+        self.ask_all_drained(|reply| Command::ResetApp { app, reply })
             .map(drop)
     }
 
@@ -161,6 +161,21 @@ impl Cluster {
     /// A copy of one shard of every worker's apps, for the state file.
     pub fn snapshot_shard(&self, shard: usize) -> Result<Vec<Vec<AppRecord>>, Unavailable> {
         self.ask_all(|reply| Command::Snapshot { shard, reply })
+    }
+
+    /// [`ask_all`](Cluster::ask_all) for a command whose answer counts what was queued when
+    /// it was asked: no worker steals from another's socket until every reply is in or the
+    /// deadline has passed (`backlog`).
+    fn ask_all_drained<T>(
+        &self,
+        command: impl Fn(Sender<T>) -> Command,
+    ) -> Result<Vec<T>, Unavailable> {
+        let _asking = self
+            .workers
+            .first()
+            .and_then(WorkerHandle::group)
+            .map(|group| group.ask());
+        self.ask_all(command)
     }
 
     /// Sends one command to every worker, then collects one reply from each, in worker order,

@@ -68,6 +68,13 @@ pub struct Config {
     #[arg(long, env = "IPEVENTS_NO_PIN", value_parser = BoolishValueParser::new())]
     pub no_pin: bool,
 
+    /// Do not let a worker whose socket is empty read batches from a busy worker's socket
+    /// (work stealing). Stealing drains a backlog on one socket with every core that has
+    /// time; under `app` and `adaptive` steering it adds no app entry (a stolen event whose
+    /// app the thief does not hold goes back to the socket's worker).
+    #[arg(long, env = "IPEVENTS_NO_WORK_STEALING", value_parser = BoolishValueParser::new())]
+    pub no_work_stealing: bool,
+
     /// Receive buffer per socket, in bytes. Set with SO_RCVBUFFORCE when the process has
     /// CAP_NET_ADMIN, else with SO_RCVBUF, which the kernel caps at net.core.rmem_max.
     #[arg(long, env = "IPEVENTS_RCVBUF", default_value_t = 16 << 20, value_name = "BYTES")]

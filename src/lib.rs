@@ -13,6 +13,7 @@
 //! - [`socket`]: socket set-up, recvmmsg/sendmmsg, steering, kernel counters (all the unsafe).
 //! - [`sketch`]: a worker's sample of its traffic by steering key, for adaptive steering.
 //! - [`process`]: the process's own figures from /proc, for `/metrics`.
+//! - [`backlog`]: work stealing: a worker's socket as its siblings see it, and the rules.
 //! - [`worker`]: the per-core mio loop and the commands it takes.
 //! - [`cluster`]: fan-out of commands to the workers, with a bounded wait.
 //! - [`snapshot`]: the state file that carries the counts across restarts.
@@ -76,6 +77,7 @@ pub mod store;
 pub mod socket;
 pub mod sketch;
 pub mod process;
+pub mod backlog;
 pub mod worker;
 pub mod cluster;
 pub mod snapshot;

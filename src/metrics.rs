@@ -70,6 +70,10 @@ pub struct WorkerSample {
     /// `None` when the kernel does not report drops (SO_MEMINFO).
     pub kernel_drops: Option<u64>,
     pub recv_errors: u64,
+    /// Datagrams the worker read from a busy sibling's socket (work stealing).
+    pub stolen: u64,
+    /// Events of those it handed back to the socket's worker (key steering).
+    pub handed_back: u64,
     /// The receive buffer the kernel granted the worker's socket; `None` when it cannot be
     /// read.
     pub rcvbuf_bytes: Option<usize>,
@@ -111,10 +115,12 @@ impl WorkerSample {
                 let c = &worker.counters;
                 WorkerSample {
                     id: worker.id,
-                    received: Counters::get(&c.datagrams_received),
+                    received: worker.received_from_socket(),
                     ingested: Counters::get(&c.events_ingested),
                     kernel_drops: worker.kernel_drops(),
                     recv_errors: Counters::get(&c.recv_errors),
+                    stolen: Counters::get(&c.datagrams_stolen),
+                    handed_back: Counters::get(&c.events_handed_back),
                     rcvbuf_bytes: worker.rcvbuf_bytes(),
                 }
             })
@@ -183,7 +189,8 @@ pub fn render(stats: &Stats) -> String {
         &mut out,
         "datagrams_received_total",
         "counter",
-        "Datagrams read from the UDP socket.",
+        "Datagrams read from the worker's UDP socket, by the worker or by a worker that stole \
+         them.",
         &|w| Some(w.received),
     );
     per_worker(
@@ -206,6 +213,21 @@ pub fn render(stats: &Stats) -> String {
         "counter",
         "Failed recvmmsg calls.",
         &|w| Some(w.recv_errors),
+    );
+    per_worker(
+        &mut out,
+        "datagrams_stolen_total",
+        "counter",
+        "Datagrams the worker read from a busy worker's socket (work stealing).",
+        &|w| Some(w.stolen),
+    );
+    per_worker(
+        &mut out,
+        "events_handed_back_total",
+        "counter",
+        "Stolen events the worker handed back to the socket's worker, whose app it did not \
+         hold (app and adaptive steering).",
+        &|w| Some(w.handed_back),
     );
     per_worker(
         &mut out,
@@ -587,6 +609,8 @@ mod tests {
                 ingested: 4,
                 kernel_drops: None,
                 recv_errors: 0,
+                stolen: 2,
+                handed_back: 1,
                 rcvbuf_bytes: Some(4096),
             }],
             totals: Totals {
@@ -617,6 +641,8 @@ mod tests {
         for line in [
             "ipevents_events_dropped_total{cause=\"store_backlog\"} 6",
             "ipevents_datagrams_received_total{worker=\"0\"} 5",
+            "ipevents_datagrams_stolen_total{worker=\"0\"} 2",
+            "ipevents_events_handed_back_total{worker=\"0\"} 1",
             "ipevents_socket_receive_buffer_bytes{worker=\"0\"} 4096",
             "ipevents_datagrams_invalid_total{reason=\"bad_sha\"} 0",
             "ipevents_apps_tracked 2",

@@ -19,6 +19,7 @@ use sd_notify::NotifyState;
 use std::path::PathBuf;
 
 use crate::backend::Backend;
+use crate::backlog::Group;
 use crate::balancer::{Balancer, SteeringCounters, SteeringMetrics};
 use crate::cluster::Cluster;
 use crate::config::Config;
@@ -218,15 +219,26 @@ pub fn start(config: &Config) -> Result<Server, String> {
         .count();
     let unrestored_apps = records.len() - restored_apps;
     drop(records);
-    let mut handles = Vec::with_capacity(workers);
-    let mut worker_threads = Vec::with_capacity(workers);
+    let mut built = Vec::with_capacity(workers);
     for ((id, udp), table) in sockets.into_iter().enumerate().zip(tables) {
         let (mut worker, handle) = Worker::new(id, udp, table, usize::from(config.batch))
             .map_err(|e| format!("set up worker {id}: {e}"))?;
         if steering_socket.is_some() {
             worker = worker.with_sampling();
         }
-        handles.push(handle);
+        built.push((worker, handle));
+    }
+    // Every worker's socket, for the workers to steal from each other (`backlog`).
+    let group = Arc::new(Group::new(
+        built.iter().map(|(_, handle)| handle.backlog()).collect(),
+        config.steering.is_keyed(),
+        !config.no_work_stealing,
+    ));
+    let mut handles = Vec::with_capacity(workers);
+    let mut worker_threads = Vec::with_capacity(workers);
+    for (id, (worker, handle)) in built.into_iter().enumerate() {
+        let worker = worker.with_group(group.clone());
+        handles.push(handle.with_group(group.clone()));
         let core = cores.get(id).copied();
         let notice = ExitNotice {
             lifecycle: lifecycle_tx.clone(),

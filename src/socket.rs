@@ -33,6 +33,12 @@ pub enum Steering {
 }
 
 impl Steering {
+    /// Whether the steering gives each app a worker of its own: `app`, and `adaptive` for
+    /// the apps that are not hot.
+    pub fn is_keyed(self) -> bool {
+        matches!(self, Steering::App | Steering::Adaptive)
+    }
+
     /// The worker that this steering sends `app`'s datagrams to, when it has one: under `app`
     /// and `adaptive` steering the one its sha hashes to (for adaptive, while the app is not
     /// hot); `None` when any worker may get them.

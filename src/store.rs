@@ -342,6 +342,21 @@ impl AppTable {
         Applied::Stored
     }
 
+    /// Counts one event if this table already holds its app; `None`, with nothing changed,
+    /// when it does not. A worker that reads a sibling's socket under key steering applies
+    /// an event here so that stealing adds no app entry (`backlog`).
+    pub fn apply_held(&mut self, event: Event) -> Option<Applied> {
+        let (hash, index) = self.locate(&event.app);
+        let max_ips = self.limits.max_ips_per_app;
+        let entry = self.shards[index].find_mut(hash, |e| e.app == event.app)?;
+        entry.add_events(1);
+        if entry.ips.add(event.ip, 1, max_ips) {
+            return Some(Applied::Stored);
+        }
+        entry.mark_truncated();
+        Some(Applied::IpDropped)
+    }
+
     fn find(&self, app: &AppKey) -> Option<&AppEntry> {
         let (hash, index) = self.locate(app);
         self.shards[index].find(hash, |e| e.app == *app)

@@ -10,6 +10,7 @@
 
 use std::io;
 use std::net::UdpSocket;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -18,6 +19,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::backlog::{Backlog, Group, Handbacks};
 use crate::log_limit::LogLimit;
 use crate::sketch::{HeavyHitters, Sampler};
 use crate::socket::{self, RecvBatch};
@@ -40,6 +42,10 @@ pub const DRAIN_LIMIT: Duration = Duration::from_millis(200);
 /// away from its socket this long (asleep, answering a command, preempted or stopped), the
 /// first batch after is sampled, so a queue held that long always shows.
 pub const INGEST_SAMPLE_INTERVAL: Duration = Duration::from_micros(500);
+
+/// How long a worker with a busy sibling sleeps before it looks again, while a command is
+/// being asked of the workers and stealing waits.
+const STEAL_RETRY: Duration = Duration::from_millis(1);
 
 /// A request to a worker. Each carries the sender its answer goes back on.
 pub enum Command {
@@ -95,6 +101,12 @@ pub struct Counters {
     /// `--max-ips-per-app`.
     pub ip_cap_drops: AtomicU64,
     pub recv_errors: AtomicU64,
+    /// Datagrams this worker read from a busy sibling's socket (work stealing); they are
+    /// counted in `datagrams_received` too, and in the sibling's `Backlog`.
+    pub datagrams_stolen: AtomicU64,
+    /// Valid events of those that this worker handed back to the socket's owner, whose app
+    /// it did not hold (key steering).
+    pub events_handed_back: AtomicU64,
 }
 
 impl Counters {
@@ -111,6 +123,8 @@ pub struct Tally {
     invalid: [u64; Reject::ALL.len()],
     app_cap_drops: u64,
     ip_cap_drops: u64,
+    stolen: u64,
+    handed_back: u64,
 }
 
 impl Tally {
@@ -143,6 +157,8 @@ impl Tally {
         }
         add(&counters.app_cap_drops, self.app_cap_drops);
         add(&counters.ip_cap_drops, self.ip_cap_drops);
+        add(&counters.datagrams_stolen, self.stolen);
+        add(&counters.events_handed_back, self.handed_back);
     }
 }
 
@@ -218,8 +234,10 @@ pub struct WorkerHandle {
     commands: Sender<Command>,
     waker: Arc<Waker>,
     pub counters: Arc<Counters>,
-    /// A duplicate of the worker's socket, used only to read kernel counters.
-    socket: Arc<UdpSocket>,
+    /// The worker's socket as its siblings see it; also read for the kernel counters.
+    backlog: Arc<Backlog>,
+    /// Every worker's socket, once the group is made: a fan-out that drains holds it.
+    group: Option<Arc<Group>>,
 }
 
 impl WorkerHandle {
@@ -233,12 +251,35 @@ impl WorkerHandle {
 
     /// Datagrams the kernel dropped on this worker's socket because its queue was full.
     pub fn kernel_drops(&self) -> Option<u64> {
-        socket::kernel_drops(&*self.socket).ok().flatten()
+        socket::kernel_drops(self.backlog.socket()).ok().flatten()
     }
 
     /// The receive buffer the kernel granted this worker's socket.
     pub fn rcvbuf_bytes(&self) -> Option<usize> {
-        socket::granted_rcvbuf_bytes(&self.socket).ok()
+        socket::granted_rcvbuf_bytes(self.backlog.socket()).ok()
+    }
+
+    /// The worker's socket as its siblings see it, for the [`Group`].
+    pub fn backlog(&self) -> Arc<Backlog> {
+        self.backlog.clone()
+    }
+
+    /// Datagrams read from this worker's socket, by the worker or by a sibling that stole
+    /// them. (`datagrams_received` counts what the worker read, from any socket.)
+    pub fn received_from_socket(&self) -> u64 {
+        let stolen = Counters::get(&self.counters.datagrams_stolen);
+        let received = Counters::get(&self.counters.datagrams_received);
+        received.saturating_sub(stolen) + self.backlog.stolen()
+    }
+
+    /// The handle of a worker in `group`, whose fan-outs hold off stealing.
+    pub fn with_group(mut self, group: Arc<Group>) -> WorkerHandle {
+        self.group = Some(group);
+        self
+    }
+
+    pub fn group(&self) -> Option<&Arc<Group>> {
+        self.group.as_ref()
     }
 }
 
@@ -263,6 +304,14 @@ pub struct Worker {
     /// The sample of the traffic that adaptive steering asks for; none for the other modes,
     /// which then pay nothing for it.
     sampler: Option<Sampler>,
+    /// Every worker's socket, for stealing; `None` until `with_group`, and then no stealing.
+    group: Option<Arc<Group>>,
+    /// This worker's socket as its siblings see it.
+    backlog: Arc<Backlog>,
+    /// What siblings read from this worker's socket and handed back.
+    handbacks: Handbacks,
+    /// The sibling to look at first when this worker next steals.
+    next_victim: usize,
 }
 
 impl Worker {
@@ -280,6 +329,8 @@ impl Worker {
             .register(&mut socket, UDP, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
+        let (backlog, handbacks) = Backlog::new(handle_socket, waker.clone());
+        let backlog = Arc::new(backlog);
         let counters = Arc::new(Counters::default());
         let worker = Worker {
             id,
@@ -296,13 +347,18 @@ impl Worker {
             recv_error_log: LogLimit::every(Duration::from_secs(60)),
             snapshot: None,
             sampler: None,
+            group: None,
+            backlog: backlog.clone(),
+            handbacks,
+            next_victim: id + 1,
         };
         let handle = WorkerHandle {
             id,
             commands: commands_tx,
             waker,
             counters,
-            socket: Arc::new(handle_socket),
+            backlog,
+            group: None,
         };
         Ok((worker, handle))
     }
@@ -311,6 +367,13 @@ impl Worker {
     /// command answers an empty sketch.
     pub fn with_sampling(mut self) -> Worker {
         self.sampler = Some(Sampler::default());
+        self
+    }
+
+    /// Joins the group of every worker's socket (`backlog`): the worker then reads from a busy
+    /// sibling's socket when its own is empty, if the group steals.
+    pub fn with_group(mut self, group: Arc<Group>) -> Worker {
+        self.group = Some(group);
         self
     }
 
@@ -333,6 +396,7 @@ impl Worker {
                     Err(TryRecvError::Empty) => break,
                 }
             }
+            self.apply_handbacks();
             if self.readable {
                 self.receive_batch();
                 self.copy_snapshot_slice();
@@ -343,10 +407,31 @@ impl Worker {
                 self.copy_snapshot_slice();
                 continue;
             }
+            if self.steal_batch() {
+                // Back to the own socket first: its readiness is edge-triggered, and a
+                // datagram that arrived meanwhile raised no event that a poll would see.
+                self.readable = true;
+                continue;
+            }
             // The socket is drained and no command is waiting: sleep until either changes.
             // Readiness is edge-triggered, which is why every receive path reads until
-            // WouldBlock before coming back here.
-            match self.poll.poll(&mut events, None) {
+            // WouldBlock before coming back here. A sibling that turns busy after `asleep` is
+            // set wakes this worker; one already busy is seen by the check after it.
+            // While a command is asked, a busy sibling is looked at again after
+            // STEAL_RETRY rather than at once, so as not to spin.
+            self.backlog.set_asleep(true);
+            let timeout = self.group.as_ref().and_then(|group| {
+                group.any_busy_sibling(self.id).then(|| {
+                    if group.asking() {
+                        STEAL_RETRY
+                    } else {
+                        Duration::ZERO
+                    }
+                })
+            });
+            let polled = self.poll.poll(&mut events, timeout);
+            self.backlog.set_asleep(false);
+            match polled {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -437,12 +522,18 @@ impl Worker {
 
     /// Receives and applies batches until the socket is empty or this thread has spent
     /// [`DRAIN_LIMIT`] of CPU time on it.
+    ///
+    /// Then it waits for any sibling in the middle of a batch stolen from this socket, and
+    /// applies what the siblings handed back: a command that follows counts everything that
+    /// was queued when it was asked (`backlog`).
     fn drain(&mut self) {
         let budget = DrainBudget::start();
         self.readable = true;
         while self.readable && budget.left() {
             self.receive_batch();
         }
+        self.backlog.wait_for_helpers();
+        self.apply_handbacks();
     }
 
     /// Receives one batch and applies it; clears `readable` once the socket is empty.
@@ -452,10 +543,12 @@ impl Worker {
             Ok(received) => received,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.readable = false;
+                self.backlog.mark(false);
                 return;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
             Err(e) => {
+                self.backlog.mark(false);
                 self.counters.recv_errors.fetch_add(1, Ordering::Relaxed);
                 self.log_recv_error(&e);
                 // Let poll decide when to try again rather than spinning on the error.
@@ -463,8 +556,14 @@ impl Worker {
                 return;
             }
         };
+        if self.backlog.mark(received == self.batch.capacity()) {
+            if let Some(group) = &self.group {
+                group.wake_helpers(self.id);
+            }
+        }
         // Tests slow every batch down here (`delay` spins, using CPU time) to flood a worker
-        // beyond what it can take.
+        // beyond what it can take. (Not a stolen batch: a test floods one worker and lets
+        // the others steal.)
         #[cfg(feature = "failpoints")]
         fail::fail_point!("worker::batch");
         let mut tally = Tally {
@@ -478,24 +577,120 @@ impl Worker {
         }
         tally.publish(&self.counters);
         if received > 0 {
-            let due = self
-                .ingest_sampled_at
-                .is_none_or(|at| started.duration_since(at) >= INGEST_SAMPLE_INTERVAL);
-            if due {
-                self.ingest_sampled_at = Some(started);
-                // The arrival of the batch's last (newest) datagram; an error here only costs
-                // the sample.
-                if let Ok(Some(received_at)) = socket::last_received_at(&self.socket) {
-                    let waited = SystemTime::now()
-                        .duration_since(received_at)
-                        .unwrap_or_default();
-                    self.latencies.ingest_ns.saturating_record(as_nanos(waited));
-                }
-            }
+            self.sample_ingest(started, self.socket.as_raw_fd());
             self.latencies
                 .batch_ns
                 .saturating_record(as_nanos(started.elapsed()));
         }
+    }
+
+    /// Records the ingest latency of a batch read from `from` that started at `started`, if
+    /// the last sample is [`INGEST_SAMPLE_INTERVAL`] old.
+    fn sample_ingest(&mut self, started: Instant, from: RawFd) {
+        let due = self
+            .ingest_sampled_at
+            .is_none_or(|at| started.duration_since(at) >= INGEST_SAMPLE_INTERVAL);
+        if !due {
+            return;
+        }
+        self.ingest_sampled_at = Some(started);
+        // The arrival of the batch's last (newest) datagram; an error here only costs the
+        // sample.
+        if let Ok(Some(received_at)) = socket::last_received_at(&from) {
+            let waited = SystemTime::now()
+                .duration_since(received_at)
+                .unwrap_or_default();
+            self.latencies.ingest_ns.saturating_record(as_nanos(waited));
+        }
+    }
+
+    /// Applies the events that siblings read from this worker's socket and handed back.
+    fn apply_handbacks(&mut self) {
+        if self.handbacks.is_empty() {
+            return;
+        }
+        let mut tally = Tally::default();
+        while let Ok(events) = self.handbacks.try_recv() {
+            for event in events {
+                tally.count(self.table.apply(event));
+            }
+        }
+        tally.publish(&self.counters);
+    }
+
+    /// Reads one batch from a busy sibling's socket, when stealing is on, no command is being
+    /// asked and a sibling's last batch was full; returns whether it read any. Under key
+    /// steering, the events of apps this worker does not hold go back to the socket's owner.
+    fn steal_batch(&mut self) -> bool {
+        let Some(group) = self.group.clone() else {
+            return false;
+        };
+        if !group.steals() {
+            return false;
+        }
+        let workers = group.workers();
+        for step in 0..workers {
+            let victim = (self.next_victim + step) % workers;
+            let backlog = group.backlog(victim);
+            if victim == self.id || !backlog.is_busy() {
+                continue;
+            }
+            let Some(helping) = group.start_helping(victim) else {
+                return false;
+            };
+            let started = Instant::now();
+            let received = match self.batch.recv(backlog.socket()) {
+                Ok(received) => received,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => {
+                    // A socket error is reported to one reader: this one counts and logs it.
+                    self.counters.recv_errors.fetch_add(1, Ordering::Relaxed);
+                    self.log_recv_error(&e);
+                    0
+                }
+            };
+            if received < self.batch.capacity() {
+                // Emptied, or nearly: the owner sets it again if its next batch is full.
+                backlog.mark(false);
+            }
+            if received == 0 {
+                continue;
+            }
+            backlog.count_stolen(received as u64);
+            let mut tally = Tally {
+                received: received as u64,
+                stolen: received as u64,
+                ..Tally::default()
+            };
+            let datagrams = (0..received).map(|i| self.batch.datagram(i));
+            let valid = if group.key_steered() {
+                let (valid, foreign) =
+                    apply_held_batch(datagrams, &mut self.events, &mut self.table, &mut tally);
+                if !foreign.is_empty() {
+                    tally.handed_back = foreign.len() as u64;
+                    if let Err(refused) = backlog.hand_back(foreign) {
+                        // The owner has stopped or is held up: counting them here adds an
+                        // entry, which is still better than losing them.
+                        tally.handed_back = 0;
+                        for event in refused {
+                            tally.count(self.table.apply(event));
+                        }
+                    }
+                }
+                valid
+            } else {
+                apply_batch(datagrams, &mut self.events, &mut self.table, &mut tally)
+            };
+            drop(helping);
+            if let Some(sampler) = &mut self.sampler {
+                sampler.sample(&self.events[..valid]);
+            }
+            tally.publish(&self.counters);
+            self.sample_ingest(started, backlog.socket().as_raw_fd());
+            self.next_victim = victim + 1;
+            return true;
+        }
+        false
     }
 
     /// Logs a receive error at most once a minute: a persistent error must not flood the log.
@@ -544,6 +739,32 @@ pub fn apply_batch<'a>(
         }
     }
     valid
+}
+
+/// [`apply_batch`] for a batch stolen under key steering: applies the valid events whose app
+/// `table` already holds and returns how many were valid (the first of `events`) and the
+/// others, for the socket's owner.
+pub fn apply_held_batch<'a>(
+    datagrams: impl Iterator<Item = &'a [u8]>,
+    events: &mut [Event],
+    table: &mut AppTable,
+    tally: &mut Tally,
+) -> (usize, Vec<Event>) {
+    let mut valid = 0;
+    for datagram in datagrams {
+        match wire::parse_into(datagram, &mut events[valid]) {
+            Ok(()) => valid += 1,
+            Err(reason) => tally.invalid[reason.index()] += 1,
+        }
+    }
+    let mut foreign = Vec::new();
+    for event in &events[..valid] {
+        match table.apply_held(*event) {
+            Some(applied) => tally.count(applied),
+            None => foreign.push(*event),
+        }
+    }
+    (valid, foreign)
 }
 
 /// [`DRAIN_LIMIT`] of the worker's own CPU time, measured from when a drain starts; wall-clock
@@ -687,5 +908,58 @@ mod tests {
                 want_ips.iter().map(|&(_, n)| n).sum::<u64>()
             );
         }
+    }
+
+    #[test]
+    fn a_stolen_batch_counts_only_the_apps_the_thief_holds_and_returns_the_rest() {
+        let held = "aa".repeat(32);
+        let foreign = "bb".repeat(32);
+        let mut table = AppTable::new(
+            Limits {
+                max_ips_per_app: 64,
+            },
+            Arc::new(AppBudget::new(usize::MAX)),
+        );
+        table.apply(Event {
+            app: AppKey::from_hex(held.as_bytes()).unwrap(),
+            ip: 1,
+        });
+        // (sha, ip): the held app twice, the other app twice, one invalid datagram.
+        let batch = [(&held, 1), (&foreign, 7), (&held, 2), (&foreign, 7)];
+        let mut datagrams: Vec<Vec<u8>> = batch
+            .iter()
+            .map(|&(sha, ip)| wire::encode(sha, ip))
+            .collect();
+        datagrams.push(Vec::new());
+        let mut events = vec![Event::UNSET; datagrams.len()];
+        let mut tally = Tally::default();
+        let (valid, returned) = apply_held_batch(
+            datagrams.iter().map(Vec::as_slice),
+            &mut events,
+            &mut table,
+            &mut tally,
+        );
+        assert_eq!(valid, 4);
+        assert_eq!(tally.ingested(), 2);
+        assert_eq!(tally.invalid[Reject::Empty.index()], 1);
+        let foreign_key = AppKey::from_hex(foreign.as_bytes()).unwrap();
+        assert_eq!(
+            returned,
+            vec![
+                Event {
+                    app: foreign_key,
+                    ip: 7
+                };
+                2
+            ],
+            "the other app's events, in order"
+        );
+        // Nothing of the other app was stored, and the held one counted both.
+        assert_eq!(table.len(), 1);
+        let mut ips = table
+            .partial(&AppKey::from_hex(held.as_bytes()).unwrap())
+            .ips;
+        ips.sort_unstable();
+        assert_eq!(ips, vec![(1, 2), (2, 1)]);
     }
 }

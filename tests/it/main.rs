@@ -13,6 +13,7 @@ mod metrics;
 mod redis_cluster;
 mod regressions;
 mod restart;
+mod stealing;
 mod steering;
 mod support;
 mod systemd;
