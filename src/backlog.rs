@@ -5,14 +5,15 @@
 //! Each worker shares a [`Backlog`] of its socket with the others; the [`Group`] holds them
 //! all. Three rules keep the answers exact and the tables as they were:
 //!
-//! - A worker helps only while no command is being asked of the workers ([`Group::ask`]
-//!   is held by every fan-out, from before the first command is sent until the last reply or
-//!   the deadline). A helper that took a batch before a command arrived finishes it before it
-//!   answers, and the socket's owner waits for its helpers ([`Backlog::wait_for_helpers`])
-//!   and applies what they handed back before it answers; so every answer counts what was
-//!   queued when it was asked, as without stealing. The helper announces itself before it
-//!   reads `asks`, and the owner reads the helper count after `asks` was raised, both
-//!   sequentially consistent: one of them sees the other.
+//! - A worker steals (helps) only while no command whose answer counts the queued datagrams
+//!   is being asked of the workers: a query, or a reset of all apps or of one, which the
+//!   `Cluster` asks under [`Group::ask`], from before the first command is sent until the
+//!   last reply or the deadline. A helper that took a batch before such a command arrived
+//!   finishes it before it answers, and the socket's owner waits for its helpers
+//!   ([`Backlog::wait_for_helpers`]) and applies what they handed back before it answers; so
+//!   every answer counts what was queued when it was asked, as without stealing. The helper
+//!   announces itself before it reads `asks`, and the owner reads the helper count after
+//!   `asks` was raised, both sequentially consistent: one of them sees the other.
 //! - Under key steering (`app`, `adaptive`) stealing creates no app entry: an event whose app
 //!   the helper does not already hold goes back to the socket's owner, which applies it. A
 //!   hot app that `adaptive` spreads is held by every worker, so it is applied where it was
