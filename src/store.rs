@@ -263,6 +263,18 @@ impl AppEntry {
         self.events_and_flag |= IPS_TRUNCATED;
     }
 
+    /// Counts one event to `ip`, storing the IP unless the app is at `max_ips`. Always
+    /// inlined: it is the worker's inner loop.
+    #[inline(always)]
+    fn count(&mut self, ip: u32, max_ips: usize) -> Applied {
+        self.add_events(1);
+        if self.ips.add(ip, 1, max_ips) {
+            return Applied::Stored;
+        }
+        self.mark_truncated();
+        Applied::IpDropped
+    }
+
     fn partial(&self) -> Partial {
         Partial {
             events: self.events(),
@@ -325,12 +337,7 @@ impl AppTable {
         let hasher = &self.hasher;
         let shard = &mut self.shards[index];
         if let Some(entry) = shard.find_mut(hash, |e| e.app == event.app) {
-            entry.add_events(1);
-            if entry.ips.add(event.ip, 1, max_ips) {
-                return Applied::Stored;
-            }
-            entry.mark_truncated();
-            return Applied::IpDropped;
+            return entry.count(event.ip, max_ips);
         }
         if !self.budget.join(&event.app, hash) {
             return Applied::AppDropped;
@@ -349,12 +356,7 @@ impl AppTable {
         let (hash, index) = self.locate(&event.app);
         let max_ips = self.limits.max_ips_per_app;
         let entry = self.shards[index].find_mut(hash, |e| e.app == event.app)?;
-        entry.add_events(1);
-        if entry.ips.add(event.ip, 1, max_ips) {
-            return Some(Applied::Stored);
-        }
-        entry.mark_truncated();
-        Some(Applied::IpDropped)
+        Some(entry.count(event.ip, max_ips))
     }
 
     fn find(&self, app: &AppKey) -> Option<&AppEntry> {

@@ -572,12 +572,18 @@ impl Worker {
         };
         let datagrams = (0..received).map(|i| self.batch.datagram(i));
         let valid = apply_batch(datagrams, &mut self.events, &mut self.table, &mut tally);
+        self.finish_batch(&tally, valid, started, self.socket.as_raw_fd());
+    }
+
+    /// What follows a batch read from `from` that started at `started` and left `valid`
+    /// events in the slots: the traffic sample, the counters, the latencies.
+    fn finish_batch(&mut self, tally: &Tally, valid: usize, started: Instant, from: RawFd) {
         if let Some(sampler) = &mut self.sampler {
             sampler.sample(&self.events[..valid]);
         }
         tally.publish(&self.counters);
-        if received > 0 {
-            self.sample_ingest(started, self.socket.as_raw_fd());
+        if tally.received > 0 {
+            self.sample_ingest(started, from);
             self.latencies
                 .batch_ns
                 .saturating_record(as_nanos(started.elapsed()));
@@ -616,6 +622,24 @@ impl Worker {
             }
         }
         tally.publish(&self.counters);
+    }
+
+    /// Hands `foreign` (stolen events of apps this worker does not hold) back to the worker
+    /// of `backlog`; counts them here when it has stopped or is held up, which adds entries
+    /// but loses nothing.
+    fn hand_back(&mut self, backlog: &Backlog, foreign: Vec<Event>, tally: &mut Tally) {
+        if foreign.is_empty() {
+            return;
+        }
+        let handed_back = foreign.len() as u64;
+        match backlog.hand_back(foreign) {
+            Ok(()) => tally.handed_back += handed_back,
+            Err(refused) => {
+                for event in refused {
+                    tally.count(self.table.apply(event));
+                }
+            }
+        }
     }
 
     /// Reads one batch from a busy sibling's socket, when stealing is on, no command is being
@@ -666,27 +690,13 @@ impl Worker {
             let valid = if group.key_steered() {
                 let (valid, foreign) =
                     apply_held_batch(datagrams, &mut self.events, &mut self.table, &mut tally);
-                if !foreign.is_empty() {
-                    tally.handed_back = foreign.len() as u64;
-                    if let Err(refused) = backlog.hand_back(foreign) {
-                        // The owner has stopped or is held up: counting them here adds an
-                        // entry, which is still better than losing them.
-                        tally.handed_back = 0;
-                        for event in refused {
-                            tally.count(self.table.apply(event));
-                        }
-                    }
-                }
+                self.hand_back(backlog, foreign, &mut tally);
                 valid
             } else {
                 apply_batch(datagrams, &mut self.events, &mut self.table, &mut tally)
             };
             drop(helping);
-            if let Some(sampler) = &mut self.sampler {
-                sampler.sample(&self.events[..valid]);
-            }
-            tally.publish(&self.counters);
-            self.sample_ingest(started, backlog.socket().as_raw_fd());
+            self.finish_batch(&tally, valid, started, backlog.socket().as_raw_fd());
             self.next_victim = victim + 1;
             return true;
         }
@@ -722,13 +732,7 @@ pub fn apply_batch<'a>(
     table: &mut AppTable,
     tally: &mut Tally,
 ) -> usize {
-    let mut valid = 0;
-    for datagram in datagrams {
-        match wire::parse_into(datagram, &mut events[valid]) {
-            Ok(()) => valid += 1,
-            Err(reason) => tally.invalid[reason.index()] += 1,
-        }
-    }
+    let valid = parse_batch(datagrams, events, tally);
     for run in events[..valid].chunks(LOCATE_AHEAD) {
         let mut located = [(0u64, 0usize); LOCATE_AHEAD];
         for (event, at) in run.iter().zip(located.iter_mut()) {
@@ -736,6 +740,24 @@ pub fn apply_batch<'a>(
         }
         for (event, &at) in run.iter().zip(located.iter()) {
             tally.count(table.apply_located(*event, at));
+        }
+    }
+    valid
+}
+
+/// Parses each datagram into the next free slot of `events`, counting the invalid ones in
+/// `tally`; returns how many were valid, which are then the first of `events`.
+#[inline(always)]
+fn parse_batch<'a>(
+    datagrams: impl Iterator<Item = &'a [u8]>,
+    events: &mut [Event],
+    tally: &mut Tally,
+) -> usize {
+    let mut valid = 0;
+    for datagram in datagrams {
+        match wire::parse_into(datagram, &mut events[valid]) {
+            Ok(()) => valid += 1,
+            Err(reason) => tally.invalid[reason.index()] += 1,
         }
     }
     valid
@@ -750,13 +772,7 @@ pub fn apply_held_batch<'a>(
     table: &mut AppTable,
     tally: &mut Tally,
 ) -> (usize, Vec<Event>) {
-    let mut valid = 0;
-    for datagram in datagrams {
-        match wire::parse_into(datagram, &mut events[valid]) {
-            Ok(()) => valid += 1,
-            Err(reason) => tally.invalid[reason.index()] += 1,
-        }
-    }
+    let valid = parse_batch(datagrams, events, tally);
     let mut foreign = Vec::new();
     for event in &events[..valid] {
         match table.apply_held(*event) {
