@@ -124,7 +124,7 @@ pub fn parse_into(datagram: &[u8], event: &mut Event) -> Result<(), Reject> {
     // oversized). Anything else, an invalid sha included, takes the general walk.
     if let [0x0a, 0x40, rest @ ..] = datagram {
         if let Some((digits, [0x10, varint @ ..])) = rest.split_at_checked(64) {
-            if let Some(ip) = whole_short_varint(varint) {
+            if let Some(ip) = tail_varint(datagram, varint.len()) {
                 if event.app.decode(digits) {
                     event.ip = u32::try_from(ip).map_err(|_| Reject::IpOutOfRange)?;
                     return Ok(());
@@ -186,23 +186,22 @@ fn parse_fields(datagram: &[u8], event: &mut Event) -> Result<(), Reject> {
     Ok(())
 }
 
-/// The value of a varint that takes exactly `bytes`, at most five of them (enough for any
-/// IPv4 address); `None` for anything else, which the general walk then reads. Like prost, it
-/// accepts a varint padded with continuation bytes (0x80 0x00 is 0).
+/// The value of the varint made of the last `len` bytes of `datagram`, at most five of them
+/// (enough for any IPv4 address); `None` for anything else, which the general walk then
+/// reads. Like prost, it accepts a varint padded with continuation bytes (0x80 0x00 is 0).
 ///
-/// The bytes are read as one little-endian word and checked and folded without a branch per
-/// byte: every byte but the last must have its continuation bit set, the last must not.
+/// The datagram's last eight bytes are read as one little-endian word, whatever `len`, and
+/// the varint is its top `len` bytes: checked and folded without a branch per byte, every
+/// byte but the last must have its continuation bit set, the last must not.
 #[inline]
-fn whole_short_varint(bytes: &[u8]) -> Option<u64> {
-    if bytes.is_empty() || bytes.len() > 5 {
+fn tail_varint(datagram: &[u8], len: usize) -> Option<u64> {
+    if !(1..=5).contains(&len) {
         return None;
     }
-    let mut word = 0u64;
-    for (i, &byte) in bytes.iter().enumerate() {
-        word |= u64::from(byte) << (8 * i);
-    }
-    // The continuation bits of bytes 0 to len - 2; the bytes past the end read as 0.
-    let continued = 0x80_8080_8080 & ((1u64 << (8 * (bytes.len() - 1))) - 1);
+    let tail = datagram.last_chunk::<8>()?;
+    let word = u64::from_le_bytes(*tail) >> (8 * (8 - len));
+    // The continuation bits of bytes 0 to len - 2; the bytes above the varint read as 0.
+    let continued = 0x80_8080_8080 & ((1u64 << (8 * (len - 1))) - 1);
     if word & 0x80_8080_8080 != continued {
         return None;
     }
@@ -473,6 +472,13 @@ mod tests {
             ]
         }
 
+        /// [`tail_varint`] of `bytes` at the end of a datagram: eight bytes of padding, all
+        /// with their continuation bit set, so that a read past the varint would show.
+        fn tail_varint_of(bytes: &[u8]) -> Option<u64> {
+            let datagram: Vec<u8> = [0xff; 8].iter().chain(bytes).copied().collect();
+            tail_varint(&datagram, bytes.len())
+        }
+
         proptest! {
             /// The fast path's varint reader agrees with prost's on every run of one to five
             /// bytes: the same value when the run is exactly one varint, `None` otherwise.
@@ -481,7 +487,7 @@ mod tests {
                 let mut buf = bytes.as_slice();
                 let prost = decode_varint(&mut buf).ok().filter(|_| buf.is_empty());
                 let want = prost.filter(|_| (1..=5).contains(&bytes.len()));
-                prop_assert_eq!(whole_short_varint(&bytes), want);
+                prop_assert_eq!(tail_varint_of(&bytes), want);
             }
 
             /// The same for runs shaped like varints (every byte but the last continued), the
@@ -503,7 +509,7 @@ mod tests {
                 let mut buf = bytes.as_slice();
                 let prost = decode_varint(&mut buf).ok().filter(|_| buf.is_empty());
                 let want = prost.filter(|_| (1..=5).contains(&bytes.len()));
-                prop_assert_eq!(whole_short_varint(&bytes), want);
+                prop_assert_eq!(tail_varint_of(&bytes), want);
             }
 
             /// Parsing never panics, and whatever it accepts prost decodes to the same event.
