@@ -110,7 +110,7 @@ pub struct Config {
     pub snapshot_interval: u64,
 
     /// When the state file is corrupt, truncated or of another version, move it aside
-    /// (PATH.bad-<time>) and start empty instead of refusing to start.
+    /// (`PATH.bad-<time>`) and start empty instead of refusing to start.
     #[arg(long, env = "IPEVENTS_DISCARD_BAD_STATE", value_parser = BoolishValueParser::new())]
     pub discard_bad_state: bool,
 

@@ -5,7 +5,7 @@
 //! A delta of this node is in exactly one place at a time: a worker's table (until the
 //! flusher takes the table), `unsent` (taken, not yet written), `sent` (being written, and
 //! retried as is until the store acknowledges it), then the store. One mutex,
-//! [`Node::pending`], orders the moves between those places with the queries: the flusher
+//! `Node::pending`, orders the moves between those places with the queries: the flusher
 //! takes tables and retires flushes under it; a query reads the workers, the pending deltas
 //! and the store under it. The write to the store happens outside the lock, so a query tells
 //! whether `sent` already reached the store by the flush seq the store keeps per slot and node.

@@ -441,7 +441,7 @@ pub struct Forward {
 pub enum Step {
     /// More bytes from the client, at most [`Framer::room`].
     NeedMore,
-    /// Send [`CONTINUE`] to the client, which waits for it before it sends the body.
+    /// Send `CONTINUE` to the client, which waits for it before it sends the body.
     Continue,
     /// A whole request, ready to forward.
     Request(Forward),

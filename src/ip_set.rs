@@ -2,7 +2,7 @@
 //! (app, ip) pair.
 //!
 //! Most apps have one IP or a /28's worth, so the set is sized for those: one IP inline, up to
-//! [`FLAT_SLOTS_MAX`] in a flat array searched in order, up to [`HASHED_SLOTS_MAX`] slots of an
+//! `FLAT_SLOTS_MAX` in a flat array searched in order, up to `HASHED_SLOTS_MAX` slots of an
 //! open-addressed array, and a hash map beyond. The arrays hold 8 bytes a pair (a `u32` count);
 //! a count that would pass `u32::MAX` moves the set to the map, whose counts are `u64`.
 
@@ -54,7 +54,7 @@ pub enum IpSet {
     Empty,
     /// The common app with one IP, in the entry itself.
     One(Slot),
-    /// Flat arrays of 2 to [`FLAT_SLOTS_MAX`] slots: the taken ones first, in arrival order.
+    /// Flat arrays of 2 to `FLAT_SLOTS_MAX` slots: the taken ones first, in arrival order.
     Flat2(Box<[Slot; 2]>),
     Flat4(Box<[Slot; 4]>),
     Flat8(Box<[Slot; 8]>),

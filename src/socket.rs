@@ -78,7 +78,7 @@ impl Rcvbuf {
     const MOST_GRANTABLE_BYTES: usize = (libc::c_int::MAX / 2) as usize;
 
     /// The kernel gave less than asked: without CAP_NET_ADMIN it caps at net.core.rmem_max.
-    /// The clamp to [`Self::MOST_GRANTABLE_BYTES`] alone is not such a cap.
+    /// The clamp to `Self::MOST_GRANTABLE_BYTES` alone is not such a cap.
     pub fn capped(&self) -> bool {
         self.granted_bytes < self.requested_bytes.min(Self::MOST_GRANTABLE_BYTES)
     }
@@ -271,7 +271,7 @@ const BPF_ST: u16 = libc::BPF_ST as u16;
 /// The most hot apps an adaptive steering program can spread. Classic BPF jumps are at most
 /// 255 instructions long, and the program's longest jump (from the first check of the
 /// datagram's header to the random fallback at its end) grows by four instructions a key:
-/// 32 keys keep it at 140. [`adaptive_program`]'s test checks every jump.
+/// 32 keys keep it at 140. `adaptive_program`'s test checks every jump.
 pub const MAX_HOT_KEYS: usize = 32;
 
 /// What `app` and `adaptive` steering read from a datagram: the sha's first 8 hex digits as
