@@ -131,6 +131,7 @@ class Bench:
         self.loadgen = Loadgen(self.binaries["loadgen"], settings.seed, self.logs / "loadgen.log")
         self.notes = {}
         self.server_flags = ()
+        self.paired_drains = False
         self.load_at_start = os.getloadavg()[0]
 
     def note(self, step, text):
@@ -212,6 +213,10 @@ def parse_args(argv):
     parser.add_argument("--server-flag", action="append", default=[], metavar="FLAG",
                         help="an extra flag for every ipevents started, e.g. "
                              "--server-flag=--batch=256 (repeatable), for tuning runs")
+    parser.add_argument("--paired-drains", action="store_true",
+                        help="step 1 runs both receivers at once and alternates their drains, "
+                             "with loadgen on the first CPU, instead of one receiver's drains "
+                             "and then the other's")
     parser.add_argument("--capacity-only", action="store_true",
                         help="run step 1 (receiver capacity, then 1b and 1c) only")
     parser.add_argument("--profile-only", action="store_true",
@@ -323,6 +328,7 @@ def main(argv):
         if not os.access(binary, os.X_OK):
             raise BenchError(f"no {name} binary at {binary}: build it, or drop --no-build")
     bench.server_flags = tuple(args.server_flag)
+    bench.paired_drains = args.paired_drains
     log(f"{settings.cores} cores, {settings.runs} run(s) per figure, output in {bench.out}")
     if args.memory_only:
         memory = steps.step_memory(bench, args.memory_only, 2)

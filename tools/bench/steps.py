@@ -6,6 +6,7 @@ argument. Every receiver is started in a `with` block, so that it is stopped wha
 """
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -90,14 +91,15 @@ class Drain:
         return self.count / self.elapsed_s if self.complete and self.drops == 0 else None
 
 
-def measure_drain(bench, receiver, count, sockets=64, reset=True):
+def measure_drain(bench, receiver, count, sockets=64, reset=True, cpus=None):
     """Queues `count` datagrams in the stopped receiver from `sockets` source sockets, then
     times how fast it reads them. `reset=False` keeps what the receiver holds (and what its
-    steering learnt from it), for a caller that warmed it up."""
+    steering learnt from it), for a caller that warmed it up; `cpus`, when given, is where
+    loadgen may run."""
     if reset:
         receiver.reset()
     base = receiver.metrics()
-    summary, queued_bytes, drops = queue_while_stopped(bench, receiver, count, sockets)
+    summary, queued_bytes, drops = queue_while_stopped(bench, receiver, count, sockets, cpus)
     started = time.monotonic()
     receiver.resume()
     counters, complete = wait_until_received(receiver, base, summary["sent"] - drops, started)
@@ -108,7 +110,7 @@ def measure_drain(bench, receiver, count, sockets=64, reset=True):
                  busiest_share=busiest / max(counters.received, 1), complete=complete)
 
 
-def queue_while_stopped(bench, receiver, count, sockets=64):
+def queue_while_stopped(bench, receiver, count, sockets=64, cpus=None):
     """Stops the receiver and sends from `sockets` source sockets; returns loadgen's summary,
     the bytes the kernel charged for the queued datagrams and the datagrams it dropped. The
     receiver is left stopped unless something failed."""
@@ -116,7 +118,7 @@ def queue_while_stopped(bench, receiver, count, sockets=64):
     receiver.pause()
     try:
         summary = bench.loadgen.run(receiver, "--send-only", "--rate", 0, "--sockets", sockets,
-                                    "--count", count, bound_s=60)
+                                    "--count", count, bound_s=60, cpus=cpus)
         # The kernel's own view of the sockets, readable while the receiver is stopped.
         queued_bytes, drops_after, _ = receiver.socket_queues()
     except BaseException:
@@ -198,6 +200,12 @@ def capacity_row(bench, kind, workers, steering):
         drains.append(drain)
         for _ in range(settings.runs - 1):
             drains.append(measure_drain(bench, receiver, count))
+    report_drains(bench, kind, workers, steering, drains)
+    return drains
+
+
+def report_drains(bench, kind, workers, steering, drains):
+    """Notes the drains of a row that lost datagrams or did not finish, and logs the row."""
     for drain in drains:
         if drain.drops:
             bench.note("capacity", f"{kind} W={workers} {steering}: {drain.drops} kernel drops "
@@ -207,12 +215,58 @@ def capacity_row(bench, kind, workers, steering):
                                    f"{drain.count} datagrams arrived within the deadline")
     shown = fmt.Figure([d.events_per_s for d in drains]).show(fmt.rate)
     log(f"capacity {kind} W={workers} {steering}: {shown} events/s")
+
+
+def drain_order(runs):
+    """The receivers in the order `capacity_pair` drains them: in pairs, the server first in
+    the even pairs and `discard` first in the odd ones, so that neither always drains just
+    after the other."""
+    order = []
+    for pair in range(runs):
+        order += RECEIVERS if pair % 2 == 0 else RECEIVERS[::-1]
+    return order
+
+
+def capacity_pair(bench, workers, steering):
+    """Both receivers' runs of one row, measured in turn (`--paired-drains`): both run at
+    once, each stopped while the other drains, their drains alternate (`drain_order`), and
+    loadgen runs on the first CPU, where each receiver's first worker runs, so that where the
+    kernel frees the datagrams' buffers (on the CPU that allocated them, or by an interrupt
+    to it) is the same for every drain. A change in the host's load over the row then reaches
+    both receivers alike, where `capacity_row` measures one receiver's runs and then the
+    other's. Returns {kind: drains}."""
+    count = bench.settings.capacity_count
+    cpus = {min(os.sched_getaffinity(0))}
+    adaptive = steering == "adaptive"
+    flags = {kind: "random" if adaptive and kind == "discard" else steering
+             for kind in RECEIVERS}
+    receivers = {kind: bench.receiver(kind, "--workers", workers, "--steering", flags[kind],
+                                      "--rcvbuf", CAPACITY_RCVBUF_BYTES)
+                 for kind in RECEIVERS}
+    with receivers["ipevents"] as server, receivers["discard"] as discard:
+        running = {"ipevents": server, "discard": discard}
+        for kind, receiver in running.items():
+            bench.check_rcvbuf("capacity", receiver, CAPACITY_RCVBUF_BYTES)
+            if adaptive:
+                measure_drain(bench, receiver, count, cpus=cpus)
+        if adaptive and not wait_for_hot_apps(server):
+            bench.note("capacity", f"adaptive steering found no hot app within "
+                                   f"{HOT_SET_WAIT_S} s of a warm-up drain")
+        drains = {kind: [] for kind in RECEIVERS}
+        for kind in drain_order(bench.settings.runs):
+            drains[kind].append(measure_drain(bench, running[kind], count, cpus=cpus))
+    for kind in RECEIVERS:
+        report_drains(bench, kind, workers, steering, drains[kind])
     return drains
 
 
 def step_capacity(bench):
     results = {}
     for workers, steering in capacity_configs(bench.settings.cores):
+        if bench.paired_drains:
+            for kind, drains in capacity_pair(bench, workers, steering).items():
+                results[(kind, workers, steering)] = drains
+            continue
         for kind in RECEIVERS:
             results[(kind, workers, steering)] = capacity_row(bench, kind, workers, steering)
     return results

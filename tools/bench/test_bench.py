@@ -14,6 +14,7 @@ import cluster
 import perf_profile
 import report
 import scale
+import sections
 import steps
 from types import SimpleNamespace
 from plot import hand_drawn_svg
@@ -170,6 +171,28 @@ class DrainPolling(unittest.TestCase):
         self.assertAlmostEqual(steps.next_poll_s(980_000, 1_000_000, 0.98), 0.01)
         # Almost there: the shortest sleep again.
         self.assertEqual(steps.next_poll_s(999_999, 1_000_000, 1.0), steps.DRAIN_POLL_S)
+
+
+class PairedDrains(unittest.TestCase):
+    def test_the_receivers_alternate_which_drains_first(self):
+        self.assertEqual(steps.drain_order(3), ["ipevents", "discard", "discard", "ipevents",
+                                                "ipevents", "discard"])
+        for runs in range(1, 6):
+            order = steps.drain_order(runs)
+            self.assertEqual(order.count("ipevents"), runs)
+            self.assertEqual(order.count("discard"), runs)
+
+    def test_the_capacity_section_says_when_drains_were_paired(self):
+        settings = SimpleNamespace(runs=1, cores=2)
+        drain = steps.Drain(count=1000, elapsed_s=0.001, sent_per_s=1e6, drops=0,
+                            queued_bytes=832_000, busiest_share=0.5, complete=True)
+        results = {(kind, workers, steering): [drain] for kind in steps.RECEIVERS
+                   for workers, steering in steps.capacity_configs(2)}
+        for paired in (False, True):
+            bench = SimpleNamespace(settings=settings, paired_drains=paired)
+            text = "\n".join(sections.capacity_section(bench, results))
+            self.assertEqual("With `--paired-drains`" in text, paired)
+            self.assertIn("| 1 | — (one socket) | 1,000 | 1M | 1M | 1.00 |", text)
 
 
 class Search(unittest.TestCase):
