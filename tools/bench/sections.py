@@ -59,10 +59,11 @@ def capacity_section(bench, results):
         "balancer, so its `adaptive` row runs `random`, which is what adaptive steering makes "
         "of those three hot apps.",
         "",
-        *(["With `--paired-drains`, both receivers of a row run at once, each stopped while "
-           "the other drains; their drains alternate (server, discard, then discard, server, "
-           "...), and loadgen runs on the first CPU, where each receiver's first worker runs, "
-           "so that the kernel frees the queued buffers the same way in every drain.", ""]
+        *(["With `--paired-drains`, both receivers of a row run at once, one idle while "
+           "the other is filled and drained; their drains alternate (server, discard, then "
+           "discard, server, ...), and loadgen runs on the first CPU, where each receiver's "
+           "first worker runs, so that the kernel frees the queued buffers the same way in "
+           "every drain.", ""]
           if bench.paired_drains else []),
         fmt.table(["workers", "steering", "N", "ipevents events/s", "discard events/s",
                    "ipevents/discard", "busiest worker (ipevents)", "busiest worker (discard)",

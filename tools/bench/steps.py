@@ -229,7 +229,7 @@ def drain_order(runs):
 
 def capacity_pair(bench, workers, steering):
     """Both receivers' runs of one row, measured in turn (`--paired-drains`): both run at
-    once, each stopped while the other drains, their drains alternate (`drain_order`), and
+    once, one idle while the other is filled and drained, their drains alternate (`drain_order`), and
     loadgen runs on the first CPU, where each receiver's first worker runs, so that where the
     kernel frees the datagrams' buffers (on the CPU that allocated them, or by an interrupt
     to it) is the same for every drain. A change in the host's load over the row then reaches
