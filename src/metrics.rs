@@ -145,7 +145,7 @@ impl Totals {
         let mut totals = Totals::default();
         for worker in cluster.workers() {
             let c = &worker.counters;
-            totals.received += Counters::get(&c.datagrams_received);
+            totals.received += worker.received_from_socket();
             totals.ingested += Counters::get(&c.events_ingested);
             for (total, counter) in totals.invalid.iter_mut().zip(&c.invalid) {
                 *total += Counters::get(counter);

@@ -92,6 +92,7 @@ pub const RESET_HOLD_LIMIT: Duration = Duration::from_secs(5);
 /// Counters the worker publishes for `/metrics`, readable from any thread without a lock.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Datagrams this worker read from its own socket.
     pub datagrams_received: AtomicU64,
     pub events_ingested: AtomicU64,
     pub invalid: [AtomicU64; Reject::ALL.len()],
@@ -101,8 +102,8 @@ pub struct Counters {
     /// `--max-ips-per-app`.
     pub ip_cap_drops: AtomicU64,
     pub recv_errors: AtomicU64,
-    /// Datagrams this worker read from a busy sibling's socket (work stealing); they are
-    /// counted in `datagrams_received` too, and in the sibling's `Backlog`.
+    /// Datagrams this worker read from a busy sibling's socket (work stealing); the
+    /// sibling's `Backlog` counts them for its socket, and `datagrams_received` does not.
     pub datagrams_stolen: AtomicU64,
     /// Valid events of those that this worker handed back to the socket's owner, whose app
     /// it did not hold (key steering).
@@ -118,6 +119,8 @@ impl Counters {
 /// Per-batch tallies, kept in registers and published once per batch.
 #[derive(Default)]
 pub struct Tally {
+    /// Datagrams read from the worker's own socket; `stolen` counts those read from a
+    /// sibling's.
     received: u64,
     ingested: u64,
     invalid: [u64; Reject::ALL.len()],
@@ -265,11 +268,9 @@ impl WorkerHandle {
     }
 
     /// Datagrams read from this worker's socket, by the worker or by a sibling that stole
-    /// them. (`datagrams_received` counts what the worker read, from any socket.)
+    /// them: two counters that only grow, so the sum never goes back.
     pub fn received_from_socket(&self) -> u64 {
-        let stolen = Counters::get(&self.counters.datagrams_stolen);
-        let received = Counters::get(&self.counters.datagrams_received);
-        received.saturating_sub(stolen) + self.backlog.stolen()
+        Counters::get(&self.counters.datagrams_received) + self.backlog.stolen()
     }
 
     /// The handle of a worker in `group`, whose fan-outs hold off stealing.
@@ -582,7 +583,7 @@ impl Worker {
             sampler.sample(&self.events[..valid]);
         }
         tally.publish(&self.counters);
-        if tally.received > 0 {
+        if tally.received + tally.stolen > 0 {
             self.sample_ingest(started, from);
             self.latencies
                 .batch_ns
@@ -682,7 +683,6 @@ impl Worker {
             }
             backlog.count_stolen(received as u64);
             let mut tally = Tally {
-                received: received as u64,
                 stolen: received as u64,
                 ..Tally::default()
             };
