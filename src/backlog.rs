@@ -25,6 +25,7 @@
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::Waker;
@@ -35,6 +36,10 @@ use crate::wire::Event;
 /// an owner that has this many, so that an owner that is held up (answering a command, or
 /// descheduled) does not collect an unbounded queue.
 pub const HANDBACK_BATCHES: usize = 64;
+
+/// How long a worker with a busy sibling sleeps before it looks again, while a command is
+/// being asked of the workers and stealing waits.
+pub const STEAL_RETRY: Duration = Duration::from_millis(1);
 
 /// One worker's socket as its siblings see it.
 pub struct Backlog {
@@ -195,9 +200,19 @@ impl Group {
         Asking { group: self }
     }
 
-    /// Whether a command is being asked of the workers.
-    pub fn asking(&self) -> bool {
-        self.asks.load(Ordering::SeqCst) != 0
+    /// How long `worker` may sleep in its poll, read after it said it goes to sleep: no
+    /// limit (`None`) unless a sibling is busy; then not at all, to help it, or
+    /// [`STEAL_RETRY`] while a command is asked and no batch may be stolen, so as not to
+    /// spin. A sibling that turns busy after this wakes it.
+    pub fn poll_timeout(&self, worker: usize) -> Option<Duration> {
+        if !self.any_busy_sibling(worker) {
+            return None;
+        }
+        Some(if self.asks.load(Ordering::SeqCst) != 0 {
+            STEAL_RETRY
+        } else {
+            Duration::ZERO
+        })
     }
 
     /// Starts a batch from `worker`'s socket, unless a command is being asked: the caller
@@ -224,9 +239,8 @@ impl Group {
         }
     }
 
-    /// Whether any sibling of `worker` is busy, read after `worker` said it goes to sleep:
-    /// a sibling that turns busy after this wakes it.
-    pub fn any_busy_sibling(&self, worker: usize) -> bool {
+    /// Whether any sibling of `worker` is busy.
+    fn any_busy_sibling(&self, worker: usize) -> bool {
         self.steals()
             && self
                 .backlogs
@@ -316,6 +330,25 @@ mod tests {
         assert!(backlog.hand_back(vec![Event::UNSET]).is_ok());
         drop(handbacks.remove(0));
         assert!(backlog.hand_back(vec![Event::UNSET]).is_err());
+    }
+
+    #[test]
+    fn a_worker_sleeps_unbounded_unless_a_sibling_is_busy() {
+        let (group, _handbacks, _poll) = group(2);
+        // (sibling busy, a command asked, the poll's timeout)
+        let cases = [
+            (false, false, None),
+            (false, true, None),
+            (true, false, Some(Duration::ZERO)),
+            (true, true, Some(STEAL_RETRY)),
+        ];
+        for (busy, asked, want) in cases {
+            group.backlog(1).mark(busy);
+            let asking = asked.then(|| group.ask());
+            assert_eq!(group.poll_timeout(0), want, "busy {busy}, asked {asked}");
+            assert_eq!(group.poll_timeout(1), None, "worker 0 is never busy");
+            drop(asking);
+        }
     }
 
     #[test]

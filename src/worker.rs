@@ -43,10 +43,6 @@ pub const DRAIN_LIMIT: Duration = Duration::from_millis(200);
 /// first batch after is sampled, so a queue held that long always shows.
 pub const INGEST_SAMPLE_INTERVAL: Duration = Duration::from_micros(500);
 
-/// How long a worker with a busy sibling sleeps before it looks again, while a command is
-/// being asked of the workers and stealing waits.
-const STEAL_RETRY: Duration = Duration::from_millis(1);
-
 /// A request to a worker. Each carries the sender its answer goes back on.
 pub enum Command {
     /// This worker's partial answer for one app, after draining the socket.
@@ -417,19 +413,13 @@ impl Worker {
             // The socket is drained and no command is waiting: sleep until either changes.
             // Readiness is edge-triggered, which is why every receive path reads until
             // WouldBlock before coming back here. A sibling that turns busy after `asleep` is
-            // set wakes this worker; one already busy is seen by the check after it.
-            // While a command is asked, a busy sibling is looked at again after
-            // STEAL_RETRY rather than at once, so as not to spin.
+            // set wakes this worker; one already busy is seen by the check after it
+            // (`Group::poll_timeout`).
             self.backlog.set_asleep(true);
-            let timeout = self.group.as_ref().and_then(|group| {
-                group.any_busy_sibling(self.id).then(|| {
-                    if group.asking() {
-                        STEAL_RETRY
-                    } else {
-                        Duration::ZERO
-                    }
-                })
-            });
+            let timeout = self
+                .group
+                .as_ref()
+                .and_then(|group| group.poll_timeout(self.id));
             let polled = self.poll.poll(&mut events, timeout);
             self.backlog.set_asleep(false);
             match polled {
