@@ -177,18 +177,8 @@ def capacity_row(bench, kind, workers, steering):
     settings = bench.settings
     count = settings.capacity_count
     drains = []
-    adaptive = steering == "adaptive"
-    flag = "random" if adaptive and kind == "discard" else steering
-    with bench.receiver(kind, "--workers", workers, "--steering", flag,
-                        "--rcvbuf", CAPACITY_RCVBUF_BYTES) as receiver:
-        bench.check_rcvbuf("capacity", receiver, CAPACITY_RCVBUF_BYTES)
-        if adaptive:
-            # Both receivers drain once unrecorded, so that the row is measured alike.
-            measure_drain(bench, receiver, count)
-        if adaptive and kind == "ipevents":
-            if not wait_for_hot_apps(receiver):
-                bench.note("capacity", f"adaptive steering found no hot app within "
-                                       f"{HOT_SET_WAIT_S} s of a warm-up drain")
+    with capacity_receiver(bench, kind, workers, steering) as receiver:
+        warm_up(bench, receiver, steering, count)
         for attempt in range(CAPACITY_RETRIES + 1):
             drain = measure_drain(bench, receiver, count)
             if drain.drops == 0 or attempt == CAPACITY_RETRIES:
@@ -202,6 +192,28 @@ def capacity_row(bench, kind, workers, steering):
             drains.append(measure_drain(bench, receiver, count))
     report_drains(bench, kind, workers, steering, drains)
     return drains
+
+
+def capacity_receiver(bench, kind, workers, steering):
+    """A receiver of `kind` for a capacity row. `discard` has no balancer, so its `adaptive`
+    row runs `random`, which is what adaptive steering makes of the reference mix's three hot
+    apps."""
+    flag = "random" if steering == "adaptive" and kind == "discard" else steering
+    return bench.receiver(kind, "--workers", workers, "--steering", flag,
+                          "--rcvbuf", CAPACITY_RCVBUF_BYTES)
+
+
+def warm_up(bench, receiver, steering, count, cpus=None):
+    """Checks the receiver's buffers; in an `adaptive` row, drains once unrecorded (both
+    receivers, so that the row is measured alike) and waits for the server to find the hot
+    apps."""
+    bench.check_rcvbuf("capacity", receiver, CAPACITY_RCVBUF_BYTES)
+    if steering != "adaptive":
+        return
+    measure_drain(bench, receiver, count, cpus=cpus)
+    if receiver.kind == "ipevents" and not wait_for_hot_apps(receiver):
+        bench.note("capacity", f"adaptive steering found no hot app within "
+                               f"{HOT_SET_WAIT_S} s of a warm-up drain")
 
 
 def report_drains(bench, kind, workers, steering, drains):
@@ -229,29 +241,20 @@ def drain_order(runs):
 
 def capacity_pair(bench, workers, steering):
     """Both receivers' runs of one row, measured in turn (`--paired-drains`): both run at
-    once, one idle while the other is filled and drained, their drains alternate (`drain_order`), and
-    loadgen runs on the first CPU, where each receiver's first worker runs, so that where the
-    kernel frees the datagrams' buffers (on the CPU that allocated them, or by an interrupt
-    to it) is the same for every drain. A change in the host's load over the row then reaches
-    both receivers alike, where `capacity_row` measures one receiver's runs and then the
-    other's. Returns {kind: drains}."""
+    once, one idle while the other is filled and drained, their drains alternate
+    (`drain_order`), and loadgen runs on the first CPU, where each receiver's first worker
+    runs, so that where the kernel frees the datagrams' buffers (on the CPU that allocated
+    them, or by an interrupt to it) is the same for every drain. A change in the host's load
+    over the row then reaches both receivers alike, where `capacity_row` measures one
+    receiver's runs and then the other's. N stays as set: a drain that lost datagrams is
+    noted, not retried with fewer. Returns {kind: drains}."""
     count = bench.settings.capacity_count
     cpus = {min(os.sched_getaffinity(0))}
-    adaptive = steering == "adaptive"
-    flags = {kind: "random" if adaptive and kind == "discard" else steering
-             for kind in RECEIVERS}
-    receivers = {kind: bench.receiver(kind, "--workers", workers, "--steering", flags[kind],
-                                      "--rcvbuf", CAPACITY_RCVBUF_BYTES)
-                 for kind in RECEIVERS}
-    with receivers["ipevents"] as server, receivers["discard"] as discard:
+    with capacity_receiver(bench, "ipevents", workers, steering) as server, \
+            capacity_receiver(bench, "discard", workers, steering) as discard:
         running = {"ipevents": server, "discard": discard}
-        for kind, receiver in running.items():
-            bench.check_rcvbuf("capacity", receiver, CAPACITY_RCVBUF_BYTES)
-            if adaptive:
-                measure_drain(bench, receiver, count, cpus=cpus)
-        if adaptive and not wait_for_hot_apps(server):
-            bench.note("capacity", f"adaptive steering found no hot app within "
-                                   f"{HOT_SET_WAIT_S} s of a warm-up drain")
+        for receiver in running.values():
+            warm_up(bench, receiver, steering, count, cpus)
         drains = {kind: [] for kind in RECEIVERS}
         for kind in drain_order(bench.settings.runs):
             drains[kind].append(measure_drain(bench, running[kind], count, cpus=cpus))
