@@ -110,6 +110,13 @@ impl AppHasher {
         self.hash.hash_one(app)
     }
 
+    /// The app's hash and its shard: where the app lives in every table.
+    #[inline]
+    pub fn locate(&self, app: &AppKey) -> (u64, usize) {
+        let hash = self.hash(app);
+        (hash, self.shard(hash))
+    }
+
     /// The shard an app of this hash lives in, on every worker and in the register.
     #[inline]
     pub fn shard(&self, hash: u64) -> usize {

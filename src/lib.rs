@@ -8,6 +8,7 @@
 //! - [`log_limit`]: a repeating log line, let through at most once an interval.
 //! - [`wire`]: the datagram format; parse and validate a datagram into an `Event`.
 //! - [`keyed_hash`]: the tables' keyed hash, and the shards it splits the apps into.
+//! - [`key_cache`]: a worker's cache of recent apps' keys, by their sha's digits as received.
 //! - [`ip_set`]: one app's IPs and their counts, in the layout that fits their number.
 //! - [`store`]: a worker's app table, partial answers, merge and classification.
 //! - [`socket`]: socket set-up, recvmmsg/sendmmsg, steering, kernel counters (all the unsafe).
@@ -72,6 +73,7 @@ macro_rules! labelled_enum {
 pub mod log_limit;
 pub mod wire;
 pub mod keyed_hash;
+pub mod key_cache;
 pub mod ip_set;
 pub mod store;
 pub mod socket;

@@ -315,8 +315,13 @@ impl AppTable {
     /// `app`'s hash and the shard that holds it, for [`apply_located`](AppTable::apply_located).
     #[inline(always)]
     pub fn locate(&self, app: &AppKey) -> (u64, usize) {
-        let hash = self.hasher.hash(app);
-        (hash, self.hasher.shard(hash))
+        self.hasher.locate(app)
+    }
+
+    /// The hasher the table locates its apps by, the budget's: a worker's key cache
+    /// (`key_cache`) locates apps by a copy of it.
+    pub fn hasher(&self) -> &AppHasher {
+        &self.hasher
     }
 
     /// Counts one event.
@@ -333,6 +338,11 @@ impl AppTable {
     /// registers for every event.
     #[inline(always)]
     pub fn apply_located(&mut self, event: Event, (hash, index): (u64, usize)) -> Applied {
+        debug_assert_eq!(
+            (hash, index),
+            self.locate(&event.app),
+            "located by another hasher"
+        );
         let max_ips = self.limits.max_ips_per_app;
         let hasher = &self.hasher;
         let shard = &mut self.shards[index];
@@ -349,11 +359,20 @@ impl AppTable {
         Applied::Stored
     }
 
-    /// Counts one event if this table already holds its app; `None`, with nothing changed,
-    /// when it does not. A worker that reads a sibling's socket under key steering applies
-    /// an event here so that stealing adds no app entry (`backlog`).
-    pub fn apply_held(&mut self, event: Event) -> Option<Applied> {
-        let (hash, index) = self.locate(&event.app);
+    /// Counts one event, its app located at `(hash, index)` as in
+    /// [`apply_located`](AppTable::apply_located), if this table already holds the app; `None`,
+    /// with nothing changed, when it does not. A worker that reads a sibling's socket under key
+    /// steering applies an event here so that stealing adds no app entry (`backlog`).
+    pub fn apply_held_located(
+        &mut self,
+        event: Event,
+        (hash, index): (u64, usize),
+    ) -> Option<Applied> {
+        debug_assert_eq!(
+            (hash, index),
+            self.locate(&event.app),
+            "located by another hasher"
+        );
         let max_ips = self.limits.max_ips_per_app;
         let entry = self.shards[index].find_mut(hash, |e| e.app == event.app)?;
         Some(entry.count(event.ip, max_ips))

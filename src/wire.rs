@@ -118,21 +118,49 @@ pub fn parse(datagram: &[u8]) -> Result<Event, Reject> {
 /// where the table will read it, not built on the stack and copied there.
 #[inline]
 pub fn parse_into(datagram: &[u8], event: &mut Event) -> Result<(), Reject> {
-    // Every client encodes the sha first, as a 64-byte field (key 0x0a, length 0x40), and the
-    // ip (key 0x10) right after it as the last field: such a datagram is read here, inline in
-    // the worker's loop, with the general walk's result (it is at most 72 bytes, so never
-    // oversized). Anything else, an invalid sha included, takes the general walk.
-    if let [0x0a, 0x40, rest @ ..] = datagram {
-        if let Some((digits, [0x10, varint @ ..])) = rest.split_at_checked(64) {
-            if let Some(ip) = tail_varint(datagram, varint.len()) {
-                if event.app.decode(digits) {
-                    event.ip = u32::try_from(ip).map_err(|_| Reject::IpOutOfRange)?;
-                    return Ok(());
-                }
-            }
+    // A datagram in the common layout is read inline, in the worker's loop, with the general
+    // walk's result. Anything else, an invalid sha included, takes the general walk.
+    if let Some(fields) = common_fields(datagram) {
+        if event.app.decode(fields.digits) {
+            event.ip = fields.ip()?;
+            return Ok(());
         }
     }
     parse_fields(datagram, event)
+}
+
+/// The two fields of a datagram in the layout every client sends: the sha first, as a 64-byte
+/// field (key 0x0a, length 0x40), and the ip (key 0x10) right after it as the last field. Such
+/// a datagram is at most 72 bytes, so never oversized.
+#[derive(Clone, Copy, Debug)]
+pub struct CommonFields<'a> {
+    /// The sha's bytes, not yet checked to be hex digits.
+    pub digits: &'a [u8; 64],
+    /// The ip's varint, read; at most 35 bits.
+    ip: u64,
+}
+
+impl CommonFields<'_> {
+    /// The ip, as the general walk judges it.
+    #[inline]
+    pub fn ip(&self) -> Result<u32, Reject> {
+        u32::try_from(self.ip).map_err(|_| Reject::IpOutOfRange)
+    }
+}
+
+/// The fields of `datagram` when it is in the common layout and its ip's varint is one that
+/// [`tail_varint`] reads; `None` for any other datagram. Once the digits decode, the datagram
+/// means what [`parse`] makes of it: the sha those digits give and [`CommonFields::ip`].
+#[inline(always)]
+pub fn common_fields(datagram: &[u8]) -> Option<CommonFields<'_>> {
+    let [0x0a, 0x40, rest @ ..] = datagram else {
+        return None;
+    };
+    let (digits, [0x10, varint @ ..]) = rest.split_first_chunk::<64>()? else {
+        return None;
+    };
+    let ip = tail_varint(datagram, varint.len())?;
+    Some(CommonFields { digits, ip })
 }
 
 /// The general walk of [`parse_into`]: every field in order, whatever the layout.

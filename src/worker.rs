@@ -20,11 +20,12 @@ use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::backlog::{Backlog, Group, Handbacks};
+use crate::key_cache::KeyCache;
 use crate::log_limit::LogLimit;
 use crate::sketch::{HeavyHitters, Sampler};
 use crate::socket::{self, RecvBatch};
 use crate::store::{AppRecord, AppTable, Applied, Partial};
-use crate::wire::{self, AppKey, Event, Reject};
+use crate::wire::{AppKey, Event, Reject};
 
 const UDP: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -288,9 +289,8 @@ pub struct Worker {
     commands: Receiver<Command>,
     table: AppTable,
     batch: RecvBatch,
-    /// One slot per datagram of a batch, which the batch's valid events are parsed into;
-    /// allocated once.
-    events: Vec<Event>,
+    /// What a batch's valid events are parsed into.
+    slots: BatchSlots,
     counters: Arc<Counters>,
     latencies: Latencies,
     readable: bool,
@@ -329,6 +329,7 @@ impl Worker {
         let (backlog, handbacks) = Backlog::new(handle_socket, waker.clone());
         let backlog = Arc::new(backlog);
         let counters = Arc::new(Counters::default());
+        let slots = BatchSlots::new(batch_size.max(1), &table);
         let worker = Worker {
             id,
             socket,
@@ -336,7 +337,7 @@ impl Worker {
             commands: commands_rx,
             table,
             batch: RecvBatch::new(batch_size),
-            events: vec![Event::UNSET; batch_size.max(1)],
+            slots,
             counters: counters.clone(),
             latencies: Latencies::new(),
             readable: true,
@@ -562,7 +563,7 @@ impl Worker {
             ..Tally::default()
         };
         let datagrams = (0..received).map(|i| self.batch.datagram(i));
-        let valid = apply_batch(datagrams, &mut self.events, &mut self.table, &mut tally);
+        let valid = apply_batch(datagrams, &mut self.slots, &mut self.table, &mut tally);
         self.finish_batch(&tally, valid, started, self.socket.as_raw_fd());
     }
 
@@ -570,7 +571,7 @@ impl Worker {
     /// events in the slots: the traffic sample, the counters, the latencies.
     fn finish_batch(&mut self, tally: &Tally, valid: usize, started: Instant, from: RawFd) {
         if let Some(sampler) = &mut self.sampler {
-            sampler.sample(&self.events[..valid]);
+            sampler.sample(self.slots.events(valid));
         }
         tally.publish(&self.counters);
         if tally.received + tally.stolen > 0 {
@@ -679,11 +680,11 @@ impl Worker {
             let datagrams = (0..received).map(|i| self.batch.datagram(i));
             let valid = if group.key_steered() {
                 let (valid, foreign) =
-                    apply_held_batch(datagrams, &mut self.events, &mut self.table, &mut tally);
+                    apply_held_batch(datagrams, &mut self.slots, &mut self.table, &mut tally);
                 self.hand_back(backlog, foreign, &mut tally);
                 valid
             } else {
-                apply_batch(datagrams, &mut self.events, &mut self.table, &mut tally)
+                apply_batch(datagrams, &mut self.slots, &mut self.table, &mut tally)
             };
             drop(helping);
             self.finish_batch(&tally, valid, started, backlog.socket().as_raw_fd());
@@ -701,52 +702,70 @@ impl Worker {
     }
 }
 
-/// Events whose apps [`apply_batch`] hashes before it applies them: 16 (hash, shard) pairs,
-/// 256 bytes of stack.
-pub const LOCATE_AHEAD: usize = 16;
+/// What a worker parses a batch into: one slot per datagram for its event and its app's
+/// location (hash and shard), and the cache of recent apps' keys that fills them. Allocated
+/// once per worker; public for the parse-and-apply benchmark (`tools/microbench`).
+pub struct BatchSlots {
+    events: Vec<Event>,
+    located: Vec<(u64, usize)>,
+    keys: KeyCache,
+}
+
+impl BatchSlots {
+    /// Slots for batches of up to `capacity` datagrams, whose apps are located for `table`.
+    pub fn new(capacity: usize, table: &AppTable) -> BatchSlots {
+        BatchSlots {
+            events: vec![Event::UNSET; capacity],
+            located: vec![(0, 0); capacity],
+            keys: KeyCache::new(table.hasher().clone()),
+        }
+    }
+
+    /// The first `valid` events, as the last batch left them.
+    pub fn events(&self, valid: usize) -> &[Event] {
+        &self.events[..valid]
+    }
+}
 
 /// Parses a batch of datagrams, then applies the valid ones to `table`, counting both in
-/// `tally`; returns how many were valid, which are then the first of `events`. Parsing the
-/// whole batch before touching the table keeps each loop tight. Each datagram is parsed in
-/// place, into the next free slot of `events`, where the apply loop reads it: nothing is
-/// copied, pushed or allocated. The events are then applied [`LOCATE_AHEAD`] at a time, their
-/// apps hashed first. Public for the parse-and-apply benchmark (`tools/microbench`).
+/// `tally`; returns how many were valid, which are then the first of `slots`' events. Parsing
+/// the whole batch before touching the table keeps each loop tight, and locates every app
+/// before the first lookup, so that the hashes are computed side by side instead of each one at
+/// the head of its own chain of loads. Each datagram is parsed in place, into the next free
+/// slot, where the apply loop reads it: nothing is copied, pushed or allocated.
 ///
 /// # Panics
 ///
-/// When there are more `datagrams` than `events` has slots: a worker's slots are as many as
-/// its receive batch holds.
+/// When there are more `datagrams` than `slots` has: a worker's slots are as many as its
+/// receive batch holds.
 pub fn apply_batch<'a>(
     datagrams: impl Iterator<Item = &'a [u8]>,
-    events: &mut [Event],
+    slots: &mut BatchSlots,
     table: &mut AppTable,
     tally: &mut Tally,
 ) -> usize {
-    let valid = parse_batch(datagrams, events, tally);
-    for run in events[..valid].chunks(LOCATE_AHEAD) {
-        let mut located = [(0u64, 0usize); LOCATE_AHEAD];
-        for (event, at) in run.iter().zip(located.iter_mut()) {
-            *at = table.locate(&event.app);
-        }
-        for (event, &at) in run.iter().zip(located.iter()) {
-            tally.count(table.apply_located(*event, at));
-        }
+    let valid = parse_batch(datagrams, slots, tally);
+    for (event, &at) in slots.events[..valid].iter().zip(&slots.located) {
+        tally.count(table.apply_located(*event, at));
     }
     valid
 }
 
-/// Parses each datagram into the next free slot of `events`, counting the invalid ones in
-/// `tally`; returns how many were valid, which are then the first of `events`.
+/// Parses each datagram into the next free slot of `slots`, counting the invalid ones in
+/// `tally`; returns how many were valid, which are then the first slots.
 #[inline(always)]
 fn parse_batch<'a>(
     datagrams: impl Iterator<Item = &'a [u8]>,
-    events: &mut [Event],
+    slots: &mut BatchSlots,
     tally: &mut Tally,
 ) -> usize {
     let mut valid = 0;
     for datagram in datagrams {
-        match wire::parse_into(datagram, &mut events[valid]) {
-            Ok(()) => valid += 1,
+        match slots.keys.parse_into(datagram, &mut slots.events[valid]) {
+            Ok(at) => {
+                slots.located[valid] = at;
+                valid += 1;
+            }
             Err(reason) => tally.invalid[reason.index()] += 1,
         }
     }
@@ -754,18 +773,18 @@ fn parse_batch<'a>(
 }
 
 /// [`apply_batch`] for a batch stolen under key steering: applies the valid events whose app
-/// `table` already holds and returns how many were valid (the first of `events`) and the
-/// others, for the socket's owner.
+/// `table` already holds and returns how many were valid (the first of `slots`' events) and
+/// the others, for the socket's owner.
 pub fn apply_held_batch<'a>(
     datagrams: impl Iterator<Item = &'a [u8]>,
-    events: &mut [Event],
+    slots: &mut BatchSlots,
     table: &mut AppTable,
     tally: &mut Tally,
 ) -> (usize, Vec<Event>) {
-    let valid = parse_batch(datagrams, events, tally);
+    let valid = parse_batch(datagrams, slots, tally);
     let mut foreign = Vec::new();
-    for event in &events[..valid] {
-        match table.apply_held(*event) {
+    for (event, &at) in slots.events[..valid].iter().zip(&slots.located) {
+        match table.apply_held_located(*event, at) {
             Some(applied) => tally.count(applied),
             None => foreign.push(*event),
         }
@@ -816,7 +835,7 @@ pub fn as_nanos(duration: Duration) -> u64 {
 mod tests {
     use super::*;
     use crate::store::{AppBudget, Limits};
-    use crate::wire::AppKey;
+    use crate::wire::{self, AppKey};
     use std::collections::BTreeMap;
 
     #[test]
@@ -859,7 +878,7 @@ mod tests {
     fn a_batch_applies_exactly_its_valid_datagrams() {
         let shas: Vec<String> = (0..5u8).map(|i| format!("{i:02x}").repeat(32)).collect();
         // 100 datagrams, every seventh one invalid in one of three ways, in receive batches
-        // of 40: more than one run of LOCATE_AHEAD, and a last batch that fills no run.
+        // of 40 and a last one of 20; from the second batch on, the apps' keys are cached.
         let mut datagrams = Vec::new();
         let mut want: BTreeMap<(usize, u32), u64> = BTreeMap::new();
         let mut want_invalid = [0u64; Reject::ALL.len()];
@@ -883,13 +902,13 @@ mod tests {
             },
             Arc::new(AppBudget::new(usize::MAX)),
         );
-        let mut events = vec![Event::UNSET; 40];
+        let mut slots = BatchSlots::new(40, &table);
         let mut tally = Tally::default();
         let mut valid_total = 0;
         for batch in datagrams.chunks(40) {
             let valid = apply_batch(
                 batch.iter().map(Vec::as_slice),
-                &mut events,
+                &mut slots,
                 &mut table,
                 &mut tally,
             );
@@ -937,11 +956,11 @@ mod tests {
             .map(|&(sha, ip)| wire::encode(sha, ip))
             .collect();
         datagrams.push(Vec::new());
-        let mut events = vec![Event::UNSET; datagrams.len()];
+        let mut slots = BatchSlots::new(datagrams.len(), &table);
         let mut tally = Tally::default();
         let (valid, returned) = apply_held_batch(
             datagrams.iter().map(Vec::as_slice),
-            &mut events,
+            &mut slots,
             &mut table,
             &mut tally,
         );

@@ -7,6 +7,8 @@
 //!
 //! - whatever `parse` accepts, prost's `IpEvent::decode` accepts with the same sha and ip, and
 //!   whatever `parse` calls malformed, prost rejects too;
+//! - a worker's key cache, which lives across inputs as it does in a worker, parses it as
+//!   `parse` does and locates its app as the table's hasher does;
 //! - two tables fed the same events, one with a small IP cap and one past the flat vector's
 //!   32 entries, return the `Applied` and hold the `Partial` that a plain model predicts, and
 //!   pass `check_invariants`;
@@ -22,6 +24,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use ipevents::key_cache::KeyCache;
 use ipevents::store::{self, AppBudget, AppTable, Applied, Limits, Partial};
 use ipevents::wire::{self, AppKey, Event, IpEvent, Reject};
 use ipevents_fuzz::DATAGRAM_SPLIT;
@@ -132,14 +135,18 @@ impl Table {
 
 struct Harness {
     tables: [Table; 2],
+    /// Locates apps by the first table's hasher.
+    keys: KeyCache,
     model: Model,
     inputs: u64,
 }
 
 impl Harness {
     fn new() -> Harness {
+        let tables = [Table::new(SMALL_MAX_IPS), Table::new(LARGE_MAX_IPS)];
         Harness {
-            tables: [Table::new(SMALL_MAX_IPS), Table::new(LARGE_MAX_IPS)],
+            keys: KeyCache::new(tables[0].table.hasher().clone()),
+            tables,
             model: Model::default(),
             inputs: 0,
         }
@@ -177,6 +184,7 @@ impl Harness {
     fn datagram(&mut self, datagram: &[u8]) -> Option<AppKey> {
         let parsed = wire::parse(datagram);
         check_against_prost(datagram, parsed);
+        self.check_key_cache(datagram, parsed);
         let event = parsed.ok()?;
         for table in &mut self.tables {
             let want = self.model.expect(event, table.max_ips);
@@ -186,6 +194,20 @@ impl Harness {
         self.model.apply(event);
         self.check_app(&event.app);
         Some(event.app)
+    }
+
+    /// The key cache's parse is the wire's, and its location the table's.
+    fn check_key_cache(&mut self, datagram: &[u8], parsed: Result<Event, Reject>) {
+        let mut event = Event::UNSET;
+        let got = self.keys.parse_into(datagram, &mut event);
+        match (got, parsed) {
+            (Ok(located), Ok(want)) => {
+                assert_eq!(event, want, "the key cache's event");
+                assert_eq!(located, self.tables[0].table.locate(&event.app), "its location");
+            }
+            (Err(got), Err(want)) => assert_eq!(got, want, "the key cache's rejection"),
+            (got, want) => panic!("the key cache gave {got:?}, parse {want:?}"),
+        }
     }
 
     fn remove(&mut self, app: &AppKey) {
