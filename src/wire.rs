@@ -149,8 +149,9 @@ impl CommonFields<'_> {
 }
 
 /// The fields of `datagram` when it is in the common layout and its ip's varint is one that
-/// [`tail_varint`] reads; `None` for any other datagram. Once the digits decode, the datagram
-/// means what [`parse`] makes of it: the sha those digits give and [`CommonFields::ip`].
+/// the fast path reads (at most five bytes); `None` for any other datagram. Once the digits
+/// decode, the datagram means what [`parse`] makes of it: the sha those digits give and
+/// [`CommonFields::ip`].
 #[inline(always)]
 pub fn common_fields(datagram: &[u8]) -> Option<CommonFields<'_>> {
     let [0x0a, 0x40, rest @ ..] = datagram else {
