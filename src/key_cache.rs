@@ -4,11 +4,12 @@
 //! A datagram in the layout every client sends (`wire::common_fields`) whose digits are in the
 //! cache takes the key and its location (hash and shard) from there, so its digits are neither
 //! checked and decoded nor its key hashed again. Every other datagram is parsed by
-//! `wire::parse_into` and its key hashed, and its digits, once they decode, take their slot.
+//! `wire::parse_into` and its key hashed; one in the common layout then puts its digits in
+//! their slot, once they decode.
 //!
 //! Invariants:
 //! - a slot always holds 64 hex digits, the key they decode to and that key's location by the
-//!   cache's hasher (a new cache's slots all hold 64 zeros);
+//!   cache's hasher (a new cache's slots all hold the digit `0` 64 times, a real sha);
 //! - a datagram's digits are compared with their slot's in full, so [`KeyCache::parse_into`]
 //!   gives exactly what `wire::parse_into` and `AppHasher::locate` give, whatever the cache
 //!   holds.
