@@ -35,6 +35,11 @@ struct Slot {
     shard: usize,
 }
 
+const _: () = assert!(
+    std::mem::size_of::<Slot>() == 128,
+    "a slot is two cache lines"
+);
+
 /// A worker's cache of the keys of the apps it saw last. Owned by one thread.
 pub struct KeyCache {
     slots: Box<[Slot; SLOTS]>,
@@ -81,7 +86,7 @@ impl KeyCache {
         }
         // A miss: the datagram is parsed as it would be without the cache. An error leaves the
         // slot as it was; an ip out of range with valid digits only costs the next one a miss.
-        wire::parse_into(datagram, event)?;
+        fields.parse_into(event)?;
         let (hash, shard) = self.hasher.locate(&event.app);
         *slot = Slot {
             digits: *fields.digits,
@@ -210,6 +215,7 @@ mod tests {
                 let event = check(&mut cache, &wire::encode(sha, i64::from(ip))).unwrap();
                 assert_eq!(event.app, AppKey::from_hex(sha.as_bytes()).unwrap());
                 assert_eq!(event.ip, ip);
+                assert!(holds(&cache, sha), "{sha} took the slot");
             }
         }
     }

@@ -119,14 +119,11 @@ pub fn parse(datagram: &[u8]) -> Result<Event, Reject> {
 #[inline]
 pub fn parse_into(datagram: &[u8], event: &mut Event) -> Result<(), Reject> {
     // A datagram in the common layout is read inline, in the worker's loop, with the general
-    // walk's result. Anything else, an invalid sha included, takes the general walk.
-    if let Some(fields) = common_fields(datagram) {
-        if event.app.decode(fields.digits) {
-            event.ip = fields.ip()?;
-            return Ok(());
-        }
+    // walk's result. Anything else takes the general walk.
+    match common_fields(datagram) {
+        Some(fields) => fields.parse_into(event),
+        None => parse_fields(datagram, event),
     }
-    parse_fields(datagram, event)
 }
 
 /// The two fields of a datagram in the layout every client sends: the sha first, as a 64-byte
@@ -134,6 +131,7 @@ pub fn parse_into(datagram: &[u8], event: &mut Event) -> Result<(), Reject> {
 /// a datagram is at most 72 bytes, so never oversized.
 #[derive(Clone, Copy, Debug)]
 pub struct CommonFields<'a> {
+    datagram: &'a [u8],
     /// The sha's bytes, not yet checked to be hex digits.
     pub digits: &'a [u8; 64],
     /// The ip's varint, read; at most 35 bits.
@@ -145,6 +143,17 @@ impl CommonFields<'_> {
     #[inline]
     pub fn ip(&self) -> Result<u32, Reject> {
         u32::try_from(self.ip).map_err(|_| Reject::IpOutOfRange)
+    }
+
+    /// [`parse_into`] of the datagram these fields are from, without finding them again: the
+    /// digits decoded into `event`, or, when they do not decode, the general walk's verdict.
+    #[inline]
+    pub fn parse_into(&self, event: &mut Event) -> Result<(), Reject> {
+        if event.app.decode(self.digits) {
+            event.ip = self.ip()?;
+            return Ok(());
+        }
+        parse_fields(self.datagram, event)
     }
 }
 
@@ -161,7 +170,11 @@ pub fn common_fields(datagram: &[u8]) -> Option<CommonFields<'_>> {
         return None;
     };
     let ip = tail_varint(datagram, varint.len())?;
-    Some(CommonFields { digits, ip })
+    Some(CommonFields {
+        datagram,
+        digits,
+        ip,
+    })
 }
 
 /// The general walk of [`parse_into`]: every field in order, whatever the layout.
