@@ -21,9 +21,11 @@ The helpers' unit tests: `PYTHONDONTWRITEBYTECODE=1 python3 -m unittest discover
 What it measures, in order:
 
 1. Receiver capacity (the headline). The receiver is stopped with SIGSTOP, `loadgen
-   --send-only` queues N datagrams in its sockets (1 GiB receive buffers hold them), and the
-   time from SIGCONT until /metrics counts all N gives events/s with no sender in the way.
-   Server and discard, one worker and one per core, each steering mode. Then `microbench`
+   --send-only` queues N datagrams in its sockets (1 GiB receive buffers hold them) from the
+   first CPU, where each receiver's first worker runs, and the time from SIGCONT until
+   /metrics counts all N gives events/s with no sender in the way. Server and discard, one
+   worker and one per core, each steering mode; `--calibrate` runs this step alone with
+   discard in both seats, to show the step's own error. Then `microbench`
    (also with `--capacity-only`): the worker's own parse + apply per datagram without the
    kernel, for the reference mix and many apps, and the hex decode and hash alone. Then
    (also with `--capacity-only`, or alone with `--profile-only`; needs `perf`) the worker's
@@ -132,6 +134,8 @@ class Bench:
         self.notes = {}
         self.server_flags = ()
         self.paired_drains = False
+        # `--calibrate`: step 1 with the discard receiver in the server's seat too.
+        self.calibrating = False
         self.load_at_start = os.getloadavg()[0]
 
     def note(self, step, text):
@@ -217,6 +221,10 @@ def parse_args(argv):
                         help="step 1 runs both receivers at once and alternates their drains, "
                              "with loadgen on the first CPU, instead of one receiver's drains "
                              "and then the other's")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="run step 1 only, with the discard receiver in the server's seat "
+                             "too: each ratio is then the step's own error, 1.00 if it had "
+                             "none")
     parser.add_argument("--capacity-only", action="store_true",
                         help="run step 1 (receiver capacity, then 1b and 1c) only")
     parser.add_argument("--profile-only", action="store_true",
@@ -233,6 +241,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.runs is not None and args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.calibrate and args.server_flag:
+        parser.error("--calibrate runs no server, so --server-flag has nothing to apply to")
     return args
 
 
@@ -329,6 +339,7 @@ def main(argv):
             raise BenchError(f"no {name} binary at {binary}: build it, or drop --no-build")
     bench.server_flags = tuple(args.server_flag)
     bench.paired_drains = args.paired_drains
+    bench.calibrating = args.calibrate
     log(f"{settings.cores} cores, {settings.runs} run(s) per figure, output in {bench.out}")
     if args.memory_only:
         memory = steps.step_memory(bench, args.memory_only, 2)
@@ -343,6 +354,10 @@ def main(argv):
     elif args.cluster_only:
         section = cluster.cluster_section(bench, cluster.step_cluster(bench))
         text = write_report(bench, command, started, [section + sections.notes(bench, "cluster")])
+    elif args.calibrate:
+        capacity = steps.step_capacity(bench)
+        section = sections.capacity_section(bench, capacity) + sections.notes(bench, "capacity")
+        text = write_report(bench, command, started, [section])
     elif args.capacity_only:
         capacity = steps.step_capacity(bench)
         section = sections.capacity_section(bench, capacity) + sections.notes(bench, "capacity")

@@ -52,7 +52,10 @@ def capacity_section(bench, results):
         "Linux grants), and events/s is N over the time from SIGCONT until `/metrics` counts "
         f"all N (polled at most every {DRAIN_POLL_MAX_S * 1000:.0f} ms, and every "
         f"{DRAIN_POLL_S * 1000:.0f} ms near the end). No sender competes for the CPU "
-        "while the receiver drains. The last column is how fast loadgen queued the datagrams "
+        "while the receiver drains. loadgen runs on the first CPU, where each receiver's "
+        "first worker runs: on loopback a datagram's buffer is allocated on the sending CPU, "
+        "and where it is freed changes a drain's rate more than either receiver does. The "
+        "last column is how fast loadgen queued the datagrams "
         "into the stopped receiver: the kernel's send path alone. The `adaptive` row (the "
         "server's default) first drains once unrecorded, for both receivers, so that the server has found the "
         "reference mix's hot apps before the measured datagrams are queued; `discard` has no "
@@ -61,10 +64,12 @@ def capacity_section(bench, results):
         "",
         *(["With `--paired-drains`, both receivers of a row run at once, one idle while "
            "the other is filled and drained; their drains alternate (server, discard, then "
-           "discard, server, ...), and loadgen runs on the first CPU, where each receiver's "
-           "first worker runs, so that the kernel frees the queued buffers the same way in "
-           "every drain.", ""]
+           "discard, server, ...).", ""]
           if bench.paired_drains else []),
+        *(["**Calibration** (`--calibrate`): the discard receiver runs in the server's seat "
+           "too, so the `ipevents` columns are a second discard receiver's, and each ratio "
+           "is the step's own error: 1.00 if it had none.", ""]
+          if bench.calibrating else []),
         fmt.table(["workers", "steering", "N", "ipevents events/s", "discard events/s",
                    "ipevents/discard", "busiest worker (ipevents)", "busiest worker (discard)",
                    "kernel drops", "loadgen queued at"], rows),

@@ -176,11 +176,12 @@ def capacity_row(bench, kind, workers, steering):
     """The runs of one row; lowers N when the buffers cannot hold it."""
     settings = bench.settings
     count = settings.capacity_count
+    cpus = queueing_cpus()
     drains = []
     with capacity_receiver(bench, kind, workers, steering) as receiver:
-        warm_up(bench, receiver, steering, count)
+        warm_up(bench, receiver, steering, count, cpus)
         for attempt in range(CAPACITY_RETRIES + 1):
-            drain = measure_drain(bench, receiver, count)
+            drain = measure_drain(bench, receiver, count, cpus=cpus)
             if drain.drops == 0 or attempt == CAPACITY_RETRIES:
                 break
             bench.note("capacity", f"{kind} W={workers} {steering}: the kernel dropped "
@@ -189,18 +190,29 @@ def capacity_row(bench, kind, workers, steering):
             count //= 2
         drains.append(drain)
         for _ in range(settings.runs - 1):
-            drains.append(measure_drain(bench, receiver, count))
+            drains.append(measure_drain(bench, receiver, count, cpus=cpus))
     report_drains(bench, kind, workers, steering, drains)
     return drains
 
 
+def queueing_cpus():
+    """Where loadgen runs while it queues a capacity drain, in every row: the first CPU, where
+    each receiver's first worker runs. On loopback a datagram's buffer is allocated on the
+    sending CPU, and a worker frees a buffer of its own CPU faster than one of another CPU's:
+    left to the scheduler, loadgen's CPU moved one worker's drain rate by some 40% (README,
+    Performance) and decided a ratio more than either receiver did."""
+    return {min(os.sched_getaffinity(0))}
+
+
 def capacity_receiver(bench, kind, workers, steering):
-    """A receiver of `kind` for a capacity row. `discard` has no balancer, so its `adaptive`
-    row runs `random`, which is what adaptive steering makes of the reference mix's three hot
-    apps."""
-    flag = "random" if steering == "adaptive" and kind == "discard" else steering
+    """A receiver of `kind` for a capacity row; with `--calibrate`, the discard receiver in
+    the server's seat too. `discard` has no balancer, so its `adaptive` row runs `random`,
+    which is what adaptive steering makes of the reference mix's three hot apps."""
+    runs_discard = kind == "discard" or bench.calibrating
+    flag = "random" if steering == "adaptive" and runs_discard else steering
+    binary = bench.binaries["discard"] if runs_discard else None
     return bench.receiver(kind, "--workers", workers, "--steering", flag,
-                          "--rcvbuf", CAPACITY_RCVBUF_BYTES)
+                          "--rcvbuf", CAPACITY_RCVBUF_BYTES, binary=binary)
 
 
 def warm_up(bench, receiver, steering, count, cpus=None):
@@ -211,7 +223,8 @@ def warm_up(bench, receiver, steering, count, cpus=None):
     if steering != "adaptive":
         return
     measure_drain(bench, receiver, count, cpus=cpus)
-    if receiver.kind == "ipevents" and not wait_for_hot_apps(receiver):
+    waits = receiver.kind == "ipevents" and not bench.calibrating
+    if waits and not wait_for_hot_apps(receiver):
         bench.note("capacity", f"adaptive steering found no hot app within "
                                f"{HOT_SET_WAIT_S} s of a warm-up drain")
 
@@ -249,7 +262,7 @@ def capacity_pair(bench, workers, steering):
     receiver's runs and then the other's. N stays as set: a drain that lost datagrams is
     noted, not retried with fewer. Returns {kind: drains}."""
     count = bench.settings.capacity_count
-    cpus = {min(os.sched_getaffinity(0))}
+    cpus = queueing_cpus()
     with capacity_receiver(bench, "ipevents", workers, steering) as server, \
             capacity_receiver(bench, "discard", workers, steering) as discard:
         running = {"ipevents": server, "discard": discard}

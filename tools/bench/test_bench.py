@@ -182,17 +182,45 @@ class PairedDrains(unittest.TestCase):
             self.assertEqual(order.count("ipevents"), runs)
             self.assertEqual(order.count("discard"), runs)
 
-    def test_the_capacity_section_says_when_drains_were_paired(self):
+    def test_the_capacity_section_says_how_the_drains_were_measured(self):
         settings = SimpleNamespace(runs=1, cores=2)
         drain = steps.Drain(count=1000, elapsed_s=0.001, sent_per_s=1e6, drops=0,
                             queued_bytes=832_000, busiest_share=0.5, complete=True)
         results = {(kind, workers, steering): [drain] for kind in steps.RECEIVERS
                    for workers, steering in steps.capacity_configs(2)}
         for paired in (False, True):
-            bench = SimpleNamespace(settings=settings, paired_drains=paired)
-            text = "\n".join(sections.capacity_section(bench, results))
-            self.assertEqual("With `--paired-drains`" in text, paired)
-            self.assertIn("| 1 | — (one socket) | 1,000 | 1M | 1M | 1.00 |", text)
+            for calibrating in (False, True):
+                bench = SimpleNamespace(settings=settings, paired_drains=paired,
+                                        calibrating=calibrating)
+                text = "\n".join(sections.capacity_section(bench, results))
+                self.assertEqual("With `--paired-drains`" in text, paired)
+                self.assertEqual("**Calibration**" in text, calibrating)
+                self.assertIn("loadgen runs on the first CPU", text)
+                self.assertIn("| 1 | — (one socket) | 1,000 | 1M | 1M | 1.00 |", text)
+
+
+class CapacityReceivers(unittest.TestCase):
+    def test_each_seat_runs_its_binary_and_steering(self):
+        binaries = {"ipevents": "/bin/ipevents", "discard": "/bin/discard"}
+        # (calibrating, seat, steering): (binary, the steering it is started with)
+        cases = {
+            (False, "ipevents", "adaptive"): (None, "adaptive"),
+            (False, "discard", "adaptive"): ("/bin/discard", "random"),
+            (False, "ipevents", "hash"): (None, "hash"),
+            (False, "discard", "cpu"): ("/bin/discard", "cpu"),
+            (True, "ipevents", "adaptive"): ("/bin/discard", "random"),
+            (True, "ipevents", "app"): ("/bin/discard", "app"),
+            (True, "discard", "adaptive"): ("/bin/discard", "random"),
+        }
+        for (calibrating, kind, steering), (binary, flag) in cases.items():
+            started = []
+            bench = SimpleNamespace(binaries=binaries, calibrating=calibrating,
+                                    receiver=lambda *a, **kw: started.append((a, kw)))
+            steps.capacity_receiver(bench, kind, 2, steering)
+            (args, kwargs), = started
+            self.assertEqual(args, (kind, "--workers", 2, "--steering", flag,
+                                    "--rcvbuf", steps.CAPACITY_RCVBUF_BYTES))
+            self.assertEqual(kwargs, {"binary": binary}, (calibrating, kind, steering))
 
 
 class Search(unittest.TestCase):
