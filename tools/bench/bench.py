@@ -219,8 +219,7 @@ def parse_args(argv):
                              "--server-flag=--batch=256 (repeatable), for tuning runs")
     parser.add_argument("--paired-drains", action="store_true",
                         help="step 1 runs both receivers at once and alternates their drains, "
-                             "with loadgen on the first CPU, instead of one receiver's drains "
-                             "and then the other's")
+                             "instead of one receiver's drains and then the other's")
     parser.add_argument("--calibrate", action="store_true",
                         help="run step 1 only, with the discard receiver in the server's seat "
                              "too: each ratio is then the step's own error, 1.00 if it had "
