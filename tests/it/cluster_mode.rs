@@ -7,10 +7,10 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::redis_cluster::{self, wait_until, RedisCluster, Shape};
+use crate::redis_cluster::{self, RedisCluster, Shape};
 use crate::support::{
-    check_reference_answer, labelled_metric, run_to_exit_with_env, send_events, Reference, Sent,
-    Server,
+    check_reference_answer, labelled_metric, run_to_exit_with_env, send_events, wait_until,
+    Reference, Sent, Server,
 };
 
 /// Flushes in the tests come fast, so that waits are short.

@@ -8,10 +8,8 @@
 use std::net::{Ipv4Addr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::thread;
-use std::time::{Duration, Instant};
 
-use crate::support::DEADLINE;
+use crate::support::wait_until;
 
 /// How a test's cluster is made.
 #[derive(Clone, Copy, Debug)]
@@ -298,14 +296,4 @@ pub fn cli(port: u16, args: &[&str]) -> Option<String> {
         .ok()?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     (output.status.success() && !text.starts_with("Could not connect")).then_some(text)
-}
-
-/// Polls `check` until it holds, failing the test after [`DEADLINE`].
-#[track_caller]
-pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !check() {
-        assert!(Instant::now() < deadline, "waited {DEADLINE:?} for {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
 }

@@ -283,6 +283,16 @@ pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key} in {line:?}"))
 }
 
+/// Polls `check` until it holds, failing the test after [`DEADLINE`].
+#[track_caller]
+pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !check() {
+        assert!(Instant::now() < deadline, "waited {DEADLINE:?} for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Sums the samples of `name` in Prometheus text.
 pub fn metric(text: &str, name: &str) -> u64 {
     sample(text, name).unwrap_or(0)
