@@ -323,6 +323,12 @@ def report_sections(bench, results):
     ]
 
 
+def capacity_part(bench):
+    """Step 1, measured now, as its report section with its notes."""
+    capacity = steps.step_capacity(bench)
+    return sections.capacity_section(bench, capacity) + sections.notes(bench, "capacity")
+
+
 def main(argv):
     args = parse_args(argv)
     started = time.monotonic()
@@ -354,12 +360,9 @@ def main(argv):
         section = cluster.cluster_section(bench, cluster.step_cluster(bench))
         text = write_report(bench, command, started, [section + sections.notes(bench, "cluster")])
     elif args.calibrate:
-        capacity = steps.step_capacity(bench)
-        section = sections.capacity_section(bench, capacity) + sections.notes(bench, "capacity")
-        text = write_report(bench, command, started, [section])
+        text = write_report(bench, command, started, [capacity_part(bench)])
     elif args.capacity_only:
-        capacity = steps.step_capacity(bench)
-        section = sections.capacity_section(bench, capacity) + sections.notes(bench, "capacity")
+        section = capacity_part(bench)
         micro = sections.micro_section(bench, steps.step_micro(bench))
         profiled = (perf_profile.profile_section(bench, perf_profile.step_profile(bench))
                     + sections.notes(bench, "profile"))
