@@ -17,7 +17,8 @@ const FLAT_SLOTS_MAX: usize = 16;
 const HASHED_SLOTS_MAX: usize = 64;
 
 /// One IP and its events. A slot whose count is 0 is free: a stored IP has at least one event,
-/// so no IP value needs to be reserved.
+/// so no IP value needs to be reserved. A free slot is always `Slot::default()`, IP 0 with no
+/// events, which lets an open-addressed probe compare the IPs alone for any IP but 0.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Slot {
     ip: u32,
@@ -31,6 +32,10 @@ impl Slot {
 
     /// A slot holding `ip` with `events`; `None` when the count does not fit in a `u32`.
     fn holding(ip: u32, events: u64) -> Option<Slot> {
+        debug_assert!(
+            events > 0,
+            "a slot with no events is free, and free slots hold IP 0"
+        );
         let events = u32::try_from(events).ok()?;
         Some(Slot { ip, events })
     }
@@ -353,17 +358,23 @@ fn flat_find(slots: &[Slot], ip: u32) -> Result<usize, usize> {
     Err(slots.len())
 }
 
-/// Bit `i` of the first mask says that the `i`th slot holds `ip`, of the second that it is
-/// free; computed without a branch per slot.
+/// Bit `i` says that the `i`th slot's IP is `ip`, taken or not; computed without a branch per
+/// slot.
 #[inline]
-fn slot_masks(slots: impl Iterator<Item = Slot>, ip: u32) -> (u32, u32) {
-    let mut found = 0u32;
-    let mut free = 0u32;
-    for (i, slot) in slots.enumerate() {
-        found |= u32::from((slot.ip == ip) & !slot.is_free()) << i;
-        free |= u32::from(slot.is_free()) << i;
-    }
-    (found, free)
+fn ip_mask(slots: &[Slot], ip: u32) -> u32 {
+    slots
+        .iter()
+        .enumerate()
+        .fold(0, |mask, (i, slot)| mask | u32::from(slot.ip == ip) << i)
+}
+
+/// Bit `i` says that the `i`th slot is free.
+#[inline]
+fn free_mask(slots: &[Slot]) -> u32 {
+    slots
+        .iter()
+        .enumerate()
+        .fold(0, |mask, (i, slot)| mask | u32::from(slot.is_free()) << i)
 }
 
 /// Slots an open-addressed probe compares at once: the arrays are split into aligned groups
@@ -376,8 +387,27 @@ const PROBE_GROUP: usize = 4;
 /// that has one. Since IPs are never removed, `ip` can only be held before the first group
 /// with a free slot, so a group that holds it or a free slot ends the probe, and most probes
 /// end in the first group, on one predictable branch.
-#[inline]
+#[inline(always)]
 fn hashed_find(slots: &[Slot], ip: u32) -> Result<usize, usize> {
+    // Free slots hold IP 0, so a slot whose IP matches any other IP is taken: the common
+    // probe, an IP already held, compares the IPs and nothing else.
+    if ip == 0 {
+        return hashed_find_zero(slots);
+    }
+    hashed_probe(slots, ip, |probed| ip_mask(probed, ip))
+}
+
+/// [`hashed_find`] of IP 0, the IP that free slots hold too: a match counts only where the
+/// slot is taken.
+#[inline(never)]
+fn hashed_find_zero(slots: &[Slot]) -> Result<usize, usize> {
+    hashed_probe(slots, 0, |probed| ip_mask(probed, 0) & !free_mask(probed))
+}
+
+/// The probe of [`hashed_find`] for `ip`, where `found` gives the mask of a group's slots that
+/// hold it.
+#[inline(always)]
+fn hashed_probe(slots: &[Slot], ip: u32, found: impl Fn(&[Slot]) -> u32) -> Result<usize, usize> {
     let groups = slots.len() / PROBE_GROUP;
     // Fibonacci hashing: the top bits of the product, spread evenly even for the runs of
     // consecutive addresses that a home block is made of.
@@ -385,10 +415,12 @@ fn hashed_find(slots: &[Slot], ip: u32) -> Result<usize, usize> {
     let mut group = (ip.wrapping_mul(0x9e37_79b9) >> (32 - bits)) as usize;
     loop {
         let start = group * PROBE_GROUP;
-        let (found, free) = slot_masks(slots[start..start + PROBE_GROUP].iter().copied(), ip);
-        if found != 0 {
-            return Ok(start + found.trailing_zeros() as usize);
+        let probed = &slots[start..start + PROBE_GROUP];
+        let held = found(probed);
+        if held != 0 {
+            return Ok(start + held.trailing_zeros() as usize);
         }
+        let free = free_mask(probed);
         if free != 0 {
             return Err(start + free.trailing_zeros() as usize);
         }
@@ -484,11 +516,35 @@ mod tests {
 
     #[test]
     fn ip_zero_is_an_ordinary_ip() {
-        let mut set = IpSet::new(5, 1);
-        for _ in 0..3 {
-            assert!(set.add(0, 1, usize::MAX));
+        // In every layout, IP 0 added before and after the others: the IP that free slots
+        // hold, so a probe must not take a free slot for it.
+        for (others, want) in [(1, "flat"), (20, "hashed"), (40, "hashed"), (60, "wide")] {
+            for zero_first in [true, false] {
+                let mut set = IpSet::new(1000, 1);
+                let add_zero = |set: &mut IpSet| {
+                    for _ in 0..3 {
+                        assert!(set.add(0, 1, usize::MAX));
+                    }
+                };
+                if zero_first {
+                    add_zero(&mut set);
+                }
+                for ip in 1001..1000 + others {
+                    assert!(set.add(ip, 1, usize::MAX));
+                }
+                if !zero_first {
+                    add_zero(&mut set);
+                }
+                assert_eq!(kind(&set), want, "{others} others");
+                let mut expect = vec![(0, 3)];
+                expect.extend((1000..1000 + others).map(|ip| (ip, 1)));
+                assert_eq!(
+                    sorted(&set),
+                    expect,
+                    "{others} others, zero first: {zero_first}"
+                );
+            }
         }
-        assert_eq!(sorted(&set), vec![(0, 3), (5, 1)]);
     }
 
     /// IPs whose probes all start in the last group of both open-addressed sizes, so that
@@ -514,7 +570,11 @@ mod tests {
             let mut model = std::collections::BTreeMap::new();
             let mut set = IpSet::Empty;
             for (pick, random_ip, events) in adds {
-                let ip = colliding.get(pick).copied().unwrap_or(random_ip);
+                // IP 0 too: the IP that free slots hold.
+                let ip = match pick {
+                    127 => 0,
+                    _ => colliding.get(pick).copied().unwrap_or(random_ip),
+                };
                 let fits = model.contains_key(&ip) || model.len() < max_ips;
                 proptest::prop_assert_eq!(set.add(ip, events, max_ips), fits, "ip {}", ip);
                 if fits {
