@@ -40,6 +40,16 @@ const _: () = assert!(
     "a slot is two cache lines"
 );
 
+/// Where a parsed event's app is, and whether the cache knew its digits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Located {
+    /// `(hash, shard)`, as `AppHasher::locate` gives it.
+    pub at: (u64, usize),
+    /// Whether the digits were in the cache: an app seen lately, whose table entry is likely
+    /// still in the CPU's caches.
+    pub cached: bool,
+}
+
 /// A worker's cache of the keys of the apps it saw last. Owned by one thread.
 pub struct KeyCache {
     slots: Box<[Slot; SLOTS]>,
@@ -65,24 +75,25 @@ impl KeyCache {
         }
     }
 
-    /// [`wire::parse_into`], and the location of the event's app by the cache's hasher:
-    /// `(hash, shard)`, as `AppHasher::locate` gives it. Always inlined: it is the worker's
-    /// parse loop.
+    /// [`wire::parse_into`], and the location of the event's app by the cache's hasher.
+    /// Always inlined: it is the worker's parse loop.
     #[inline(always)]
-    pub fn parse_into(
-        &mut self,
-        datagram: &[u8],
-        event: &mut Event,
-    ) -> Result<(u64, usize), Reject> {
+    pub fn parse_into(&mut self, datagram: &[u8], event: &mut Event) -> Result<Located, Reject> {
         let Some(fields) = wire::common_fields(datagram) else {
             wire::parse_into(datagram, event)?;
-            return Ok(self.hasher.locate(&event.app));
+            return Ok(Located {
+                at: self.hasher.locate(&event.app),
+                cached: false,
+            });
         };
         let slot = &mut self.slots[slot_of(fields.digits)];
         if same_digits(&slot.digits, fields.digits) {
             event.app = slot.key;
             event.ip = fields.ip()?;
-            return Ok((slot.hash, slot.shard));
+            return Ok(Located {
+                at: (slot.hash, slot.shard),
+                cached: true,
+            });
         }
         // A miss: the datagram is parsed as it would be without the cache. An error leaves the
         // slot as it was; an ip out of range with valid digits only costs the next one a miss.
@@ -94,7 +105,10 @@ impl KeyCache {
             hash,
             shard,
         };
-        Ok((hash, shard))
+        Ok(Located {
+            at: (hash, shard),
+            cached: false,
+        })
     }
 }
 
@@ -136,7 +150,7 @@ mod tests {
             (Ok(located), Ok(want_event)) => {
                 assert_eq!(event, want_event, "datagram {datagram:02x?}");
                 assert_eq!(
-                    located,
+                    located.at,
                     cache.hasher.locate(&event.app),
                     "location of {event:?}"
                 );
@@ -176,6 +190,30 @@ mod tests {
         // it (the upper-case sha took the lower-case one's, whose first digits are the same).
         assert!(holds(&cache, &upper), "{upper} is cached");
         assert!(!holds(&cache, &not_hex), "invalid digits are never cached");
+    }
+
+    #[test]
+    fn says_whether_the_digits_were_cached() {
+        let mut unknown_field_first = vec![0x18, 0x01];
+        unknown_field_first.extend(wire::encode(SHA, 7));
+        let other = "ab".repeat(32);
+        // In order, through one cache: (datagram, whether its digits were cached).
+        let cases: Vec<(Vec<u8>, Result<bool, Reject>)> = vec![
+            (wire::encode(SHA, 1), Ok(false)),
+            (wire::encode(SHA, 2), Ok(true)),
+            (wire::encode(&other, 1), Ok(false)),
+            (wire::encode(SHA, -1), Err(Reject::IpOutOfRange)),
+            (wire::encode(SHA, 3), Ok(true)),
+            // Not the common layout: never looked up, whatever the cache holds.
+            (unknown_field_first, Ok(false)),
+            (wire::encode(&other, 2), Ok(true)),
+        ];
+        let mut cache = KeyCache::new(AppHasher::new());
+        let mut event = Event::UNSET;
+        for (datagram, want) in &cases {
+            let got = cache.parse_into(datagram, &mut event).map(|l| l.cached);
+            assert_eq!(got, *want, "datagram {datagram:02x?}");
+        }
     }
 
     fn holds(cache: &KeyCache, sha: &str) -> bool {

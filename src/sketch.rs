@@ -5,7 +5,7 @@
 //! worker's command channel. Sampling neither allocates nor writes anything shared.
 
 use crate::socket::SteeringKey;
-use crate::wire::Event;
+use crate::wire::AppKey;
 
 /// One valid event in this many is sampled: about a nanosecond an event on average, for a
 /// few hundred samples a second per worker even at a few tens of thousands of events a
@@ -88,6 +88,11 @@ impl HeavyHitters {
 }
 
 /// A worker's sampler: the sketch, and where the next sample falls in the event stream.
+///
+/// The worker parses a batch at a time, and tells the sampler each event it is asked for:
+/// the place of the first is [`first_in_batch`](Sampler::first_in_batch), each
+/// [`sample`](Sampler::sample) gives the next, and [`end_batch`](Sampler::end_batch) carries
+/// the rest over to the next batch. Between two samples the worker only counts.
 #[derive(Default)]
 pub struct Sampler {
     /// Events of the next batch to pass over before the next sample.
@@ -96,15 +101,24 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// Samples every [`SAMPLE_EVERY`]th event of the stream that arrives a batch at a time:
-    /// a handful of sketch updates per batch, and nothing per event it passes over.
-    pub fn sample(&mut self, events: &[Event]) {
-        let mut at = self.skip;
-        while let Some(event) = events.get(at) {
-            self.sketch.add(SteeringKey::of(&event.app));
-            at += SAMPLE_EVERY;
-        }
-        self.skip = at - events.len();
+    /// The place, among a batch's valid events, of the first one to sample.
+    pub fn first_in_batch(&self) -> usize {
+        self.skip
+    }
+
+    /// Samples the app of the event at place `at` of the batch, the place that
+    /// `first_in_batch` or the last `sample` gave; returns the place of the next one: every
+    /// [`SAMPLE_EVERY`]th event of the stream is sampled.
+    pub fn sample(&mut self, app: &AppKey, at: usize) -> usize {
+        self.sketch.add(SteeringKey::of(app));
+        at + SAMPLE_EVERY
+    }
+
+    /// Ends a batch of `valid` events, whose next sample would have been at place `next`
+    /// (at least `valid`: every place before it was sampled).
+    pub fn end_batch(&mut self, next: usize, valid: usize) {
+        debug_assert!(next >= valid, "a place in the batch was not sampled");
+        self.skip = next - valid;
     }
 
     /// The sketch so far; the sampler starts over with an empty one.
@@ -158,16 +172,25 @@ mod tests {
 
     #[test]
     fn samples_one_event_in_every_sample_every_across_batches() {
+        use crate::wire::Event;
         let event = |n: u8| Event {
             app: crate::wire::AppKey([n; 32]),
             ip: 1,
         };
         let events: Vec<Event> = (0..=255).cycle().take(10_000).map(event).collect();
+        // What a worker does with a batch of valid events.
+        let sample = |sampler: &mut Sampler, batch: &[Event]| {
+            let mut at = sampler.first_in_batch();
+            while let Some(event) = batch.get(at) {
+                at = sampler.sample(&event.app, at);
+            }
+            sampler.end_batch(at, batch.len());
+        };
         let mut whole = Sampler::default();
-        whole.sample(&events);
+        sample(&mut whole, &events);
         let mut batched = Sampler::default();
         for batch in events.chunks(37) {
-            batched.sample(batch);
+            sample(&mut batched, batch);
         }
         let (whole, batched) = (whole.take(), batched.take());
         assert_eq!(whole.samples(), 10_000_u64.div_ceil(SAMPLE_EVERY as u64));

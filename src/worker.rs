@@ -289,8 +289,8 @@ pub struct Worker {
     commands: Receiver<Command>,
     table: AppTable,
     batch: RecvBatch,
-    /// What a batch's valid events are parsed into.
-    slots: BatchSlots,
+    /// What the batches are parsed with.
+    parser: BatchParser,
     counters: Arc<Counters>,
     latencies: Latencies,
     readable: bool,
@@ -298,9 +298,6 @@ pub struct Worker {
     ingest_sampled_at: Option<Instant>,
     recv_error_log: LogLimit,
     snapshot: Option<SnapshotJob>,
-    /// The sample of the traffic that adaptive steering asks for; none for the other modes,
-    /// which then pay nothing for it.
-    sampler: Option<Sampler>,
     /// Every worker's socket, for stealing; `None` until `with_group`, and then no stealing.
     group: Option<Arc<Group>>,
     /// This worker's socket as its siblings see it.
@@ -329,7 +326,7 @@ impl Worker {
         let (backlog, handbacks) = Backlog::new(handle_socket, waker.clone());
         let backlog = Arc::new(backlog);
         let counters = Arc::new(Counters::default());
-        let slots = BatchSlots::new(batch_size.max(1), &table);
+        let parser = BatchParser::new(batch_size.max(1), &table);
         let worker = Worker {
             id,
             socket,
@@ -337,14 +334,13 @@ impl Worker {
             commands: commands_rx,
             table,
             batch: RecvBatch::new(batch_size),
-            slots,
+            parser,
             counters: counters.clone(),
             latencies: Latencies::new(),
             readable: true,
             ingest_sampled_at: None,
             recv_error_log: LogLimit::every(Duration::from_secs(60)),
             snapshot: None,
-            sampler: None,
             group: None,
             backlog: backlog.clone(),
             handbacks,
@@ -364,7 +360,7 @@ impl Worker {
     /// Samples the traffic for adaptive steering's `HeavyHitters` command; without it the
     /// command answers an empty sketch.
     pub fn with_sampling(mut self) -> Worker {
-        self.sampler = Some(Sampler::default());
+        self.parser.sampler = Some(Sampler::default());
         self
     }
 
@@ -472,7 +468,7 @@ impl Worker {
                 let _ = reply.send(self.table.take());
             }
             Command::HeavyHitters { reply } => {
-                let sketch = self.sampler.as_mut().map(Sampler::take);
+                let sketch = self.parser.sampler.as_mut().map(Sampler::take);
                 let _ = reply.send(sketch.unwrap_or_default());
             }
             Command::Snapshot { shard, reply } => {
@@ -563,16 +559,13 @@ impl Worker {
             ..Tally::default()
         };
         let datagrams = (0..received).map(|i| self.batch.datagram(i));
-        let valid = apply_batch(datagrams, &mut self.slots, &mut self.table, &mut tally);
-        self.finish_batch(&tally, valid, started, self.socket.as_raw_fd());
+        apply_batch(datagrams, &mut self.parser, &mut self.table, &mut tally);
+        self.finish_batch(&tally, started, self.socket.as_raw_fd());
     }
 
-    /// What follows a batch read from `from` that started at `started` and left `valid`
-    /// events in the slots: the traffic sample, the counters, the latencies.
-    fn finish_batch(&mut self, tally: &Tally, valid: usize, started: Instant, from: RawFd) {
-        if let Some(sampler) = &mut self.sampler {
-            sampler.sample(self.slots.events(valid));
-        }
+    /// What follows a batch read from `from` that started at `started`: the counters and the
+    /// latencies.
+    fn finish_batch(&mut self, tally: &Tally, started: Instant, from: RawFd) {
         tally.publish(&self.counters);
         if tally.received + tally.stolen > 0 {
             self.sample_ingest(started, from);
@@ -678,16 +671,15 @@ impl Worker {
                 ..Tally::default()
             };
             let datagrams = (0..received).map(|i| self.batch.datagram(i));
-            let valid = if group.key_steered() {
-                let (valid, foreign) =
-                    apply_held_batch(datagrams, &mut self.slots, &mut self.table, &mut tally);
+            if group.key_steered() {
+                let (_, foreign) =
+                    apply_held_batch(datagrams, &mut self.parser, &mut self.table, &mut tally);
                 self.hand_back(backlog, foreign, &mut tally);
-                valid
             } else {
-                apply_batch(datagrams, &mut self.slots, &mut self.table, &mut tally)
-            };
+                apply_batch(datagrams, &mut self.parser, &mut self.table, &mut tally);
+            }
             drop(helping);
-            self.finish_batch(&tally, valid, started, backlog.socket().as_raw_fd());
+            self.finish_batch(&tally, started, backlog.socket().as_raw_fd());
             self.next_victim = victim + 1;
             return true;
         }
@@ -702,94 +694,153 @@ impl Worker {
     }
 }
 
-/// What a worker parses a batch into: one slot per datagram for its event and its app's
-/// location (hash and shard), and the cache of recent apps' keys that fills them. Allocated
-/// once per worker; public for the parse-and-apply benchmark (`tools/microbench`).
-pub struct BatchSlots {
+/// What a worker parses its batches with: the cache of recent apps' keys, the slots of the
+/// events it defers, and adaptive steering's sampler when it is on. Allocated once per
+/// worker; public for the parse-and-apply benchmark (`tools/microbench`).
+pub struct BatchParser {
+    keys: KeyCache,
+    /// The deferred events of the last batch and their apps' locations, the first ones valid.
     events: Vec<Event>,
     located: Vec<(u64, usize)>,
-    keys: KeyCache,
+    /// The sample of the traffic that adaptive steering asks for; none for the other modes,
+    /// which then pay one compare an event for it.
+    sampler: Option<Sampler>,
 }
 
-impl BatchSlots {
-    /// Slots for batches of up to `capacity` datagrams, whose apps are located for `table`.
-    pub fn new(capacity: usize, table: &AppTable) -> BatchSlots {
-        BatchSlots {
+impl BatchParser {
+    /// A parser for batches of up to `capacity` datagrams, whose apps are located for
+    /// `table`, with no sampler.
+    pub fn new(capacity: usize, table: &AppTable) -> BatchParser {
+        BatchParser {
+            keys: KeyCache::new(table.hasher().clone()),
             events: vec![Event::UNSET; capacity],
             located: vec![(0, 0); capacity],
-            keys: KeyCache::new(table.hasher().clone()),
+            sampler: None,
         }
     }
 
-    /// The first `valid` events, as the last batch left them.
-    pub fn events(&self, valid: usize) -> &[Event] {
-        &self.events[..valid]
+    /// Parses each datagram and hands each valid event, its app located, to `sink`, in
+    /// order, counting the invalid ones in `tally` and sampling the valid ones for adaptive
+    /// steering; returns how many were valid.
+    ///
+    /// An event is applied as soon as it is parsed while every app of the batch so far was
+    /// in the key cache: a recent app, whose entry is likely in the CPU's caches, so nothing
+    /// is gained by waiting. From the first app that was not (and its entry may be in
+    /// memory), the rest of the batch is parsed into slots, its apps located, and applied
+    /// after the loop: the table's loads of several events are then independent and in
+    /// flight together, instead of each one waiting behind the next datagram's parse. Either
+    /// way the events are applied in the order they came.
+    ///
+    /// # Panics
+    ///
+    /// When there are more `datagrams` than the parser's capacity: a worker's parser holds as
+    /// many as its receive batch.
+    #[inline(always)]
+    fn for_each_event<'a>(
+        &mut self,
+        datagrams: impl Iterator<Item = &'a [u8]>,
+        tally: &mut Tally,
+        sink: &mut impl EventSink,
+    ) -> usize {
+        let mut valid = 0;
+        let mut deferred = 0;
+        let mut event = Event::UNSET;
+        // The place, among this batch's valid events, of the next one to sample; never
+        // reached without a sampler.
+        let mut sample_at = self
+            .sampler
+            .as_ref()
+            .map_or(usize::MAX, Sampler::first_in_batch);
+        for datagram in datagrams {
+            match self.keys.parse_into(datagram, &mut event) {
+                Ok(located) => {
+                    if valid == sample_at {
+                        if let Some(sampler) = &mut self.sampler {
+                            sample_at = sampler.sample(&event.app, valid);
+                        }
+                    }
+                    if located.cached && deferred == 0 {
+                        sink.apply(event, located.at, tally);
+                    } else {
+                        self.events[deferred] = event;
+                        self.located[deferred] = located.at;
+                        deferred += 1;
+                    }
+                    valid += 1;
+                }
+                Err(reason) => tally.invalid[reason.index()] += 1,
+            }
+        }
+        for (&event, &at) in self.events[..deferred].iter().zip(&self.located) {
+            sink.apply(event, at, tally);
+        }
+        if let Some(sampler) = &mut self.sampler {
+            sampler.end_batch(sample_at, valid);
+        }
+        valid
     }
 }
 
-/// Parses a batch of datagrams, then applies the valid ones to `table`, counting both in
-/// `tally`; returns how many were valid, which are then the first of `slots`' events. Parsing
-/// the whole batch before touching the table keeps each loop tight, and locates every app
-/// before the first lookup, so that the hashes are computed side by side instead of each one at
-/// the head of its own chain of loads. Each datagram is parsed in place, into the next free
-/// slot, where the apply loop reads it: nothing is copied, pushed or allocated.
-///
-/// # Panics
-///
-/// When there are more `datagrams` than `slots` has: a worker's slots are as many as its
-/// receive batch holds.
+/// Parses a batch of datagrams and applies the valid ones to `table`, in order, counting both
+/// in `tally`; returns how many were valid. Nothing is copied, pushed or allocated per
+/// datagram but what the table stores (`BatchParser::for_each_event` says when an event
+/// waits for the end of the batch).
 pub fn apply_batch<'a>(
     datagrams: impl Iterator<Item = &'a [u8]>,
-    slots: &mut BatchSlots,
+    parser: &mut BatchParser,
     table: &mut AppTable,
     tally: &mut Tally,
 ) -> usize {
-    let valid = parse_batch(datagrams, slots, tally);
-    for (event, &at) in slots.events[..valid].iter().zip(&slots.located) {
-        tally.count(table.apply_located(*event, at));
-    }
-    valid
-}
-
-/// Parses each datagram into the next free slot of `slots`, counting the invalid ones in
-/// `tally`; returns how many were valid, which are then the first slots.
-#[inline(always)]
-fn parse_batch<'a>(
-    datagrams: impl Iterator<Item = &'a [u8]>,
-    slots: &mut BatchSlots,
-    tally: &mut Tally,
-) -> usize {
-    let mut valid = 0;
-    for datagram in datagrams {
-        match slots.keys.parse_into(datagram, &mut slots.events[valid]) {
-            Ok(at) => {
-                slots.located[valid] = at;
-                valid += 1;
-            }
-            Err(reason) => tally.invalid[reason.index()] += 1,
-        }
-    }
-    valid
+    parser.for_each_event(datagrams, tally, &mut WholeTable(table))
 }
 
 /// [`apply_batch`] for a batch stolen under key steering: applies the valid events whose app
-/// `table` already holds and returns how many were valid (the first of `slots`' events) and
-/// the others, for the socket's owner.
+/// `table` already holds and returns how many were valid and the others, in order, for the
+/// socket's owner.
 pub fn apply_held_batch<'a>(
     datagrams: impl Iterator<Item = &'a [u8]>,
-    slots: &mut BatchSlots,
+    parser: &mut BatchParser,
     table: &mut AppTable,
     tally: &mut Tally,
 ) -> (usize, Vec<Event>) {
-    let valid = parse_batch(datagrams, slots, tally);
-    let mut foreign = Vec::new();
-    for (event, &at) in slots.events[..valid].iter().zip(&slots.located) {
-        match table.apply_held_located(*event, at) {
+    let mut sink = HeldApps {
+        table,
+        foreign: Vec::new(),
+    };
+    let valid = parser.for_each_event(datagrams, tally, &mut sink);
+    (valid, sink.foreign)
+}
+
+/// Where `BatchParser::for_each_event` hands a batch's valid events. A trait rather than a
+/// closure, so that its one method can be always inlined at both places the loop calls it.
+trait EventSink {
+    fn apply(&mut self, event: Event, at: (u64, usize), tally: &mut Tally);
+}
+
+/// Every event counted in the table.
+struct WholeTable<'a>(&'a mut AppTable);
+
+impl EventSink for WholeTable<'_> {
+    #[inline(always)]
+    fn apply(&mut self, event: Event, at: (u64, usize), tally: &mut Tally) {
+        tally.count(self.0.apply_located(event, at));
+    }
+}
+
+/// The events of apps the table holds counted there, the others kept for their worker.
+struct HeldApps<'a> {
+    table: &'a mut AppTable,
+    foreign: Vec<Event>,
+}
+
+impl EventSink for HeldApps<'_> {
+    #[inline(always)]
+    fn apply(&mut self, event: Event, at: (u64, usize), tally: &mut Tally) {
+        match self.table.apply_held_located(event, at) {
             Some(applied) => tally.count(applied),
-            None => foreign.push(*event),
+            None => self.foreign.push(event),
         }
     }
-    (valid, foreign)
 }
 
 /// [`DRAIN_LIMIT`] of the worker's own CPU time, measured from when a drain starts; wall-clock
@@ -902,13 +953,13 @@ mod tests {
             },
             Arc::new(AppBudget::new(usize::MAX)),
         );
-        let mut slots = BatchSlots::new(40, &table);
+        let mut parser = BatchParser::new(40, &table);
         let mut tally = Tally::default();
         let mut valid_total = 0;
         for batch in datagrams.chunks(40) {
             let valid = apply_batch(
                 batch.iter().map(Vec::as_slice),
-                &mut slots,
+                &mut parser,
                 &mut table,
                 &mut tally,
             );
@@ -936,6 +987,41 @@ mod tests {
     }
 
     #[test]
+    fn events_apply_in_the_order_they_came_cached_or_not() {
+        // An app holds two IPs, so which IP is refused says which event was applied first.
+        let sha = "ab".repeat(32);
+        let mut table = AppTable::new(
+            Limits { max_ips_per_app: 2 },
+            Arc::new(AppBudget::new(usize::MAX)),
+        );
+        let mut parser = BatchParser::new(8, &table);
+        let mut tally = Tally::default();
+        // An unknown field first: not the common layout, so never taken from the key cache.
+        let mut uncached = vec![0x18, 0x01];
+        uncached.extend(wire::encode(&sha, 2));
+        let batches = [
+            // The app's digits enter the cache.
+            vec![wire::encode(&sha, 1)],
+            // A cached event after one that is not, in the same batch: it must wait its turn.
+            vec![uncached, wire::encode(&sha, 3)],
+        ];
+        for batch in &batches {
+            apply_batch(
+                batch.iter().map(Vec::as_slice),
+                &mut parser,
+                &mut table,
+                &mut tally,
+            );
+        }
+        let mut ips = table
+            .partial(&AppKey::from_hex(sha.as_bytes()).unwrap())
+            .ips;
+        ips.sort_unstable();
+        assert_eq!(ips, vec![(1, 1), (2, 1)], "IP 3 came last, past the cap");
+        assert_eq!((tally.ingested(), tally.ip_cap_drops), (3, 1));
+    }
+
+    #[test]
     fn a_stolen_batch_counts_only_the_apps_the_thief_holds_and_returns_the_rest() {
         let held = "aa".repeat(32);
         let foreign = "bb".repeat(32);
@@ -956,11 +1042,11 @@ mod tests {
             .map(|&(sha, ip)| wire::encode(sha, ip))
             .collect();
         datagrams.push(Vec::new());
-        let mut slots = BatchSlots::new(datagrams.len(), &table);
+        let mut parser = BatchParser::new(datagrams.len(), &table);
         let mut tally = Tally::default();
         let (valid, returned) = apply_held_batch(
             datagrams.iter().map(Vec::as_slice),
-            &mut slots,
+            &mut parser,
             &mut table,
             &mut tally,
         );

@@ -203,7 +203,7 @@ impl Harness {
         match (got, parsed) {
             (Ok(located), Ok(want)) => {
                 assert_eq!(event, want, "the key cache's event");
-                assert_eq!(located, self.tables[0].table.locate(&event.app), "its location");
+                assert_eq!(located.at, self.tables[0].table.locate(&event.app), "its location");
             }
             (Err(got), Err(want)) => assert_eq!(got, want, "the key cache's rejection"),
             (got, want) => panic!("the key cache gave {got:?}, parse {want:?}"),

@@ -101,7 +101,7 @@ fn parse_and_apply_ns(traffic: &Traffic, batch: usize, runs: usize, evict_kib: u
         },
         Arc::new(AppBudget::new(usize::MAX)),
     );
-    let mut slots = worker::BatchSlots::new(batch, &table);
+    let mut parser = worker::BatchParser::new(batch, &table);
     let mut other = vec![0u8; evict_kib * 1024];
     let mut pass = |table: &mut AppTable| {
         let mut tally = Tally::default();
@@ -110,7 +110,7 @@ fn parse_and_apply_ns(traffic: &Traffic, batch: usize, runs: usize, evict_kib: u
         for start in (0..traffic.len()).step_by(batch) {
             let end = (start + batch).min(traffic.len());
             let datagrams = (start..end).map(|i| traffic.datagram(i));
-            worker::apply_batch(datagrams, &mut slots, table, &mut tally);
+            worker::apply_batch(datagrams, &mut parser, table, &mut tally);
             if !other.is_empty() {
                 elapsed += started.elapsed();
                 for line in other.chunks_mut(64) {
