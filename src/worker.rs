@@ -782,9 +782,9 @@ impl BatchParser {
 }
 
 /// Parses a batch of datagrams and applies the valid ones to `table`, in order, counting both
-/// in `tally`; returns how many were valid. Nothing is copied, pushed or allocated per
-/// datagram but what the table stores (`BatchParser::for_each_event` says when an event
-/// waits for the end of the batch).
+/// in `tally`; returns how many were valid. Nothing is pushed or allocated per datagram but
+/// what the table stores; an event that waits for the end of the batch
+/// (`BatchParser::for_each_event` says which) is copied into one of the parser's slots.
 pub fn apply_batch<'a>(
     datagrams: impl Iterator<Item = &'a [u8]>,
     parser: &mut BatchParser,

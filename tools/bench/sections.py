@@ -87,8 +87,9 @@ def micro_section(bench, micro):
     return [
         "## 1b. The worker's own cost per datagram",
         "",
-        "`microbench`, without the kernel: `worker::apply_batch` (parse a batch of 64, then "
-        "apply it) over datagrams encoded as loadgen encodes them, on a table warmed by one "
+        "`microbench`, without the kernel: `worker::apply_batch` (a batch of 64 parsed and "
+        "applied in order, each event at once while its app is in the key cache, the rest of "
+        "the batch after the loop from the first one that is not) over datagrams encoded as loadgen encodes them, on a table warmed by one "
         f"pass; the reference mix (3 apps, {ips} IPs each) and {bench.settings.query_apps:,} "
         "apps of 16 IPs, each datagram naming a uniformly drawn (app, ip); then the parts "
         "alone. Each run is the median of five passes.",
