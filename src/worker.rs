@@ -1021,6 +1021,65 @@ mod tests {
         assert_eq!((tally.ingested(), tally.ip_cap_drops), (3, 1));
     }
 
+    proptest::proptest! {
+        /// Any run of datagrams of a few apps, cut into batches of any size, with apps in and
+        /// out of the key cache, leaves the table as applying the events one by one in order
+        /// does. An app holds at most two IPs, so an event applied out of turn would show in
+        /// which IPs were kept.
+        #[test]
+        fn batches_apply_as_the_events_one_by_one(
+            picks in proptest::collection::vec((0usize..4, 0u32..4, proptest::bool::ANY), 1..150),
+            batch in 1usize..70,
+        ) {
+            // The same app in lower and in upper case: two sets of digits, one key.
+            let shas = ["ab".repeat(32), "cd".repeat(32), "AB".repeat(32)];
+            let datagrams: Vec<Vec<u8>> = picks
+                .iter()
+                .map(|&(app, ip, common)| {
+                    let Some(sha) = shas.get(app) else {
+                        return Vec::new();
+                    };
+                    // An unknown field first is not the common layout: never cached.
+                    let mut datagram = if common { Vec::new() } else { vec![0x18, 0x01] };
+                    datagram.extend(wire::encode(sha, i64::from(ip)));
+                    datagram
+                })
+                .collect();
+            let table = || {
+                AppTable::new(
+                    Limits { max_ips_per_app: 2 },
+                    Arc::new(AppBudget::new(usize::MAX)),
+                )
+            };
+            let (mut batched, mut one_by_one) = (table(), table());
+            let mut parser = BatchParser::new(batch, &batched);
+            let mut tally = Tally::default();
+            for chunk in datagrams.chunks(batch) {
+                apply_batch(chunk.iter().map(Vec::as_slice), &mut parser, &mut batched, &mut tally);
+            }
+            let mut valid = 0;
+            for datagram in &datagrams {
+                if let Ok(event) = wire::parse(datagram) {
+                    one_by_one.apply(event);
+                    valid += 1;
+                }
+            }
+            proptest::prop_assert_eq!(tally.ingested(), valid);
+            for sha in &shas {
+                let key = AppKey::from_hex(sha.as_bytes()).unwrap();
+                let sorted = |mut partial: Partial| {
+                    partial.ips.sort_unstable();
+                    partial
+                };
+                proptest::prop_assert_eq!(
+                    sorted(batched.partial(&key)),
+                    sorted(one_by_one.partial(&key)),
+                    "app {}", sha
+                );
+            }
+        }
+    }
+
     #[test]
     fn a_stolen_batch_counts_only_the_apps_the_thief_holds_and_returns_the_rest() {
         let held = "aa".repeat(32);
