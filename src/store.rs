@@ -331,11 +331,12 @@ impl AppTable {
         self.apply_located(event, at)
     }
 
-    /// [`apply`](AppTable::apply), with the app already located: a worker hashes a run of
-    /// events first, then applies them, so that the hashes of several events are computed
-    /// side by side instead of each one at the head of its own chain of loads. Always
-    /// inlined: it is the worker's inner loop, and a call would save and restore six
-    /// registers for every event.
+    /// [`apply`](AppTable::apply), with the app already located: a worker takes the location
+    /// from its key cache, or hashes the app while it parses, and when a batch's apps are not
+    /// all cached it locates the rest of the batch before the first of their lookups, so that
+    /// those lookups are not each at the head of their own chain of loads. Always inlined: it
+    /// is the worker's inner loop, and a call would save and restore six registers for every
+    /// event.
     #[inline(always)]
     pub fn apply_located(&mut self, event: Event, (hash, index): (u64, usize)) -> Applied {
         debug_assert_eq!(
