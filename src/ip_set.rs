@@ -358,23 +358,13 @@ fn flat_find(slots: &[Slot], ip: u32) -> Result<usize, usize> {
     Err(slots.len())
 }
 
-/// Bit `i` says that the `i`th slot's IP is `ip`, taken or not; computed without a branch per
-/// slot.
-#[inline]
-fn ip_mask(slots: &[Slot], ip: u32) -> u32 {
+/// Bit `i` says that `holds` is true of the `i`th slot; computed without a branch per slot.
+#[inline(always)]
+fn mask(slots: &[Slot], holds: impl Fn(Slot) -> bool) -> u32 {
     slots
         .iter()
         .enumerate()
-        .fold(0, |mask, (i, slot)| mask | u32::from(slot.ip == ip) << i)
-}
-
-/// Bit `i` says that the `i`th slot is free.
-#[inline]
-fn free_mask(slots: &[Slot]) -> u32 {
-    slots
-        .iter()
-        .enumerate()
-        .fold(0, |mask, (i, slot)| mask | u32::from(slot.is_free()) << i)
+        .fold(0, |mask, (i, &slot)| mask | u32::from(holds(slot)) << i)
 }
 
 /// Slots an open-addressed probe compares at once: the arrays are split into aligned groups
@@ -394,14 +384,16 @@ fn hashed_find(slots: &[Slot], ip: u32) -> Result<usize, usize> {
     if ip == 0 {
         return hashed_find_zero(slots);
     }
-    hashed_probe(slots, ip, |probed| ip_mask(probed, ip))
+    hashed_probe(slots, ip, |probed| mask(probed, |slot| slot.ip == ip))
 }
 
 /// [`hashed_find`] of IP 0, the IP that free slots hold too: a match counts only where the
 /// slot is taken.
 #[inline(never)]
 fn hashed_find_zero(slots: &[Slot]) -> Result<usize, usize> {
-    hashed_probe(slots, 0, |probed| ip_mask(probed, 0) & !free_mask(probed))
+    hashed_probe(slots, 0, |probed| {
+        mask(probed, |slot| slot.ip == 0 && !slot.is_free())
+    })
 }
 
 /// The probe of [`hashed_find`] for `ip`, where `found` gives the mask of a group's slots that
@@ -420,7 +412,7 @@ fn hashed_probe(slots: &[Slot], ip: u32, found: impl Fn(&[Slot]) -> u32) -> Resu
         if held != 0 {
             return Ok(start + held.trailing_zeros() as usize);
         }
-        let free = free_mask(probed);
+        let free = mask(probed, Slot::is_free);
         if free != 0 {
             return Err(start + free.trailing_zeros() as usize);
         }

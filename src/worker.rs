@@ -699,9 +699,8 @@ impl Worker {
 /// worker; public for the parse-and-apply benchmark (`tools/microbench`).
 pub struct BatchParser {
     keys: KeyCache,
-    /// The deferred events of the last batch and their apps' locations, the first ones valid.
-    events: Vec<Event>,
-    located: Vec<(u64, usize)>,
+    /// The events of the last batch that waited for its end, each with its app's location.
+    deferred: Vec<(Event, (u64, usize))>,
     /// The sample of the traffic that adaptive steering asks for; none for the other modes,
     /// which then pay one compare an event for it.
     sampler: Option<Sampler>,
@@ -713,8 +712,7 @@ impl BatchParser {
     pub fn new(capacity: usize, table: &AppTable) -> BatchParser {
         BatchParser {
             keys: KeyCache::new(table.hasher().clone()),
-            events: vec![Event::UNSET; capacity],
-            located: vec![(0, 0); capacity],
+            deferred: vec![(Event::UNSET, (0, 0)); capacity],
             sampler: None,
         }
     }
@@ -724,7 +722,7 @@ impl BatchParser {
     /// steering; returns how many were valid.
     ///
     /// An event is applied as soon as it is parsed while every app of the batch so far was
-    /// in the key cache: a recent app, whose entry is likely in the CPU's caches, so nothing
+    /// in the key cache: a recent app, whose entry is likely in the CPU's caches, so little
     /// is gained by waiting. From the first app that was not (and its entry may be in
     /// memory), the rest of the batch is parsed into slots, its apps located, and applied
     /// after the loop: the table's loads of several events are then independent and in
@@ -743,7 +741,7 @@ impl BatchParser {
         sink: &mut impl EventSink,
     ) -> usize {
         let mut valid = 0;
-        let mut deferred = 0;
+        let mut waiting = 0;
         let mut event = Event::UNSET;
         // The place, among this batch's valid events, of the next one to sample; never
         // reached without a sampler.
@@ -759,19 +757,18 @@ impl BatchParser {
                             sample_at = sampler.sample(&event.app, valid);
                         }
                     }
-                    if located.cached && deferred == 0 {
+                    if located.cached && waiting == 0 {
                         sink.apply(event, located.at, tally);
                     } else {
-                        self.events[deferred] = event;
-                        self.located[deferred] = located.at;
-                        deferred += 1;
+                        self.deferred[waiting] = (event, located.at);
+                        waiting += 1;
                     }
                     valid += 1;
                 }
                 Err(reason) => tally.invalid[reason.index()] += 1,
             }
         }
-        for (&event, &at) in self.events[..deferred].iter().zip(&self.located) {
+        for &(event, at) in &self.deferred[..waiting] {
             sink.apply(event, at, tally);
         }
         if let Some(sampler) = &mut self.sampler {
